@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# `make demo`: services up, build, a model, two workers, the sample scans
+# through the fleet, the results table, workers stopped.
+#
+# Scans come from $PLEURA_DATA or ../shared/data (real NIH images and DICOMs)
+# when present, else from the folder in $DEMO_SCANS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-services.sh
+echo "== building"
+cargo build --workspace --bins -q
+BIN=target/debug
+DEMO=target/demo
+mkdir -p "$DEMO"
+export PLEURA_NAMESPACE=${PLEURA_NAMESPACE:-pleura-demo}
+
+echo "== preparing a model"
+"$BIN/pleura" model init --out "$DEMO/model" --seed 0
+echo "   (an untrained bring-up model: its verdicts are not clinical)"
+
+scans=()
+data=${PLEURA_DATA:-../shared/data}
+if [ -d "$data/cxr" ]; then
+  scans=("$data/cxr" "$data/dicom")
+elif [ -n "${DEMO_SCANS:-}" ] && [ -d "$DEMO_SCANS" ]; then
+  scans=("$DEMO_SCANS")
+else
+  echo "error: no sample scans. Set PLEURA_DATA to the shared data folder, or DEMO_SCANS=/path/to/folder of .png/.jpg/.dcm" >&2
+  exit 2
+fi
+
+echo "== starting two workers"
+pids=()
+stop_workers() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap stop_workers EXIT
+for i in 1 2; do
+  PLEURA_HTTP_ADDR=127.0.0.1:$((9100 + i)) PLEURA_WORKER_ID=demo-worker-$i PLEURA_INFERENCE_THREADS=1 \
+    "$BIN/pleura-worker" --model "$DEMO/model" 2>"$DEMO/worker$i.log" &
+  pids+=($!)
+done
+for i in 1 2; do
+  for _ in $(seq 1 120); do
+    if (exec 3<>/dev/tcp/127.0.0.1/$((9100 + i))) 2>/dev/null && \
+       { exec 3<>/dev/tcp/127.0.0.1/$((9100 + i)); printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3; head -1 <&3 | grep -q 200; }; then
+      echo "   worker $i ready (http://127.0.0.1:$((9100 + i))/metrics)"; break
+    fi
+    sleep 0.5
+  done
+done
+
+echo "== submitting ${scans[*]}"
+"$BIN/pleura" submit --wait --timeout 600 "${scans[@]}"
+echo "== stopping workers (SIGTERM: they finish what they hold and exit 0)"

@@ -1,0 +1,234 @@
+//! RabbitMQ: connecting, the fleet's topology, and publishing scans.
+//!
+//! The topology is declared by everyone who touches it (workers and
+//! submitters alike) with identical arguments, so whoever comes first creates
+//! it and nobody depends on start-up order.
+//!
+//! ```text
+//!  publish ──► {ns}.scans (headers) ──x-pleura-priority=stat──► {ns}.scans.stat    (quorum)
+//!                   │ alternate exchange
+//!                   └──► {ns}.scans.routine (fanout) ─────────► {ns}.scans.routine (quorum)
+//!  reject / over delivery-limit ──► {ns}.dlx (fanout) ────────► {ns}.dead          (quorum)
+//! ```
+//!
+//! Why two queues rather than one priority queue: quorum queues (needed for
+//! the delivery limit and for surviving a broker node) only honour message
+//! priorities from RabbitMQ 4.0, and Debian ships 3.10. Workers drain the STAT
+//! queue first instead.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::wire::{Names, Priority, HEADER_PRIORITY, HEADER_SUBMITTED_MS};
+
+/// Errors talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Connection, channel or protocol failure; usually transient.
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker refused (nacked) a publish.
+    #[error("broker refused the message for job {job_id}")]
+    Nacked {
+        /// Job id of the refused message.
+        job_id: String,
+    },
+}
+
+/// Opens a connection that recovers by itself (connection, channels,
+/// topology and consumers) after a network failure.
+pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(connection_name.into())
+        .enable_auto_recover();
+    Ok(Connection::connect(url, props).await?)
+}
+
+/// Declares exchanges, queues and bindings of the fleet. Idempotent.
+pub async fn declare_topology(
+    channel: &Channel,
+    names: &Names,
+    delivery_limit: u32,
+) -> Result<(), BrokerError> {
+    let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
+
+    channel
+        .exchange_declare(
+            names.dead_letter_exchange().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    let mut dead_args = FieldTable::default();
+    dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    channel.queue_declare(names.dead_queue().into(), durable_queue, dead_args).await?;
+    channel
+        .queue_bind(
+            names.dead_queue().into(),
+            names.dead_letter_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    channel
+        .exchange_declare(
+            names.routine_exchange().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    let mut scans_args = FieldTable::default();
+    scans_args.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(names.routine_exchange().into()),
+    );
+    channel
+        .exchange_declare(
+            names.scans_exchange().into(),
+            ExchangeKind::Headers,
+            durable_exchange,
+            scans_args,
+        )
+        .await?;
+
+    for queue in [names.stat_queue(), names.routine_queue()] {
+        channel
+            .queue_declare(queue.into(), durable_queue, scan_queue_args(names, delivery_limit))
+            .await?;
+    }
+    let mut stat_binding = FieldTable::default();
+    stat_binding.insert("x-match".into(), AMQPValue::LongString("any".into()));
+    stat_binding.insert(HEADER_PRIORITY.into(), AMQPValue::LongString("stat".into()));
+    channel
+        .queue_bind(
+            names.stat_queue().into(),
+            names.scans_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            stat_binding,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            names.routine_queue().into(),
+            names.routine_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+fn scan_queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(delivery_limit as i32));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(names.dead_letter_exchange().into()),
+    );
+    args
+}
+
+/// Deletes every queue and exchange of a namespace. For tests and for
+/// decommissioning a fleet; never called by the worker.
+pub async fn delete_topology(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
+    for q in [names.stat_queue(), names.routine_queue(), names.dead_queue()] {
+        channel.queue_delete(q.into(), Default::default()).await?;
+    }
+    for x in [names.scans_exchange(), names.routine_exchange(), names.dead_letter_exchange()] {
+        channel.exchange_delete(x.into(), Default::default()).await?;
+    }
+    Ok(())
+}
+
+/// One scan to submit.
+#[derive(Debug, Clone)]
+pub struct Submission<'a> {
+    /// Job id; becomes the AMQP `message_id`.
+    pub job_id: &'a str,
+    /// Raw image bytes (PNG, JPEG or DICOM).
+    pub body: &'a [u8],
+    /// Urgency.
+    pub priority: Priority,
+    /// Extra `x-pleura-*` correlation headers to echo back.
+    pub correlation: &'a [(&'a str, &'a str)],
+}
+
+/// A channel in publisher-confirm mode for submitting scans.
+pub struct Publisher {
+    channel: Channel,
+    names: Names,
+}
+
+impl Publisher {
+    /// Opens a confirm-mode channel and makes sure the topology exists.
+    pub async fn new(
+        conn: &Connection,
+        names: Names,
+        delivery_limit: u32,
+    ) -> Result<Publisher, BrokerError> {
+        let channel = conn.create_channel().await?;
+        declare_topology(&channel, &names, delivery_limit).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Publisher { channel, names })
+    }
+
+    /// Publishes a scan and waits for the broker's confirmation, so a
+    /// returned `Ok` means the broker has taken responsibility for the job.
+    pub async fn submit(&self, s: &Submission<'_>) -> Result<(), BrokerError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.names.scans_exchange().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                s.body,
+                scan_properties(s),
+            )
+            .await?
+            .await?;
+        if confirm.is_nack() {
+            return Err(BrokerError::Nacked { job_id: s.job_id.to_string() });
+        }
+        Ok(())
+    }
+
+    /// The underlying channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+}
+
+/// AMQP properties of a scan message: persistent, with job id, priority
+/// markers and submission time.
+pub fn scan_properties(s: &Submission<'_>) -> BasicProperties {
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut headers = FieldTable::default();
+    headers.insert(HEADER_PRIORITY.into(), AMQPValue::LongString(s.priority.as_str().into()));
+    headers.insert(
+        HEADER_SUBMITTED_MS.into(),
+        AMQPValue::LongLongInt(now_ms.as_millis() as i64),
+    );
+    for (k, v) in s.correlation {
+        headers.insert(ShortString::from(k.to_string()), AMQPValue::LongString(LongString::from(*v)));
+    }
+    BasicProperties::default()
+        .with_message_id(s.job_id.into())
+        .with_delivery_mode(2)
+        .with_priority(s.priority.amqp_priority())
+        .with_timestamp(now_ms.as_secs())
+        .with_headers(headers)
+}

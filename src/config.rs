@@ -1,0 +1,305 @@
+//! Configuration shared by the worker and the CLI.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file (`--config` or
+//! `PLEURA_CONFIG`), then `PLEURA_*` environment variables (`PLEURA_AMQP_URL`,
+//! `PLEURA_INFERENCE_THREADS`, ...). Unknown keys are an error everywhere, so
+//! a typo in a deployment fails at start-up instead of being silently ignored.
+//! `pleura.example.toml` at the repository root documents every key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `PLEURA_` prefix that are not config keys.
+const NON_CONFIG_ENV: &[&str] = &["PLEURA_CONFIG", "PLEURA_DATA", "PLEURA_PYTHON"];
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be parsed into [`Settings`].
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value parsed but makes no sense.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Every setting of a Pleura process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Prefix of every queue, exchange and Redis key, so several fleets can
+    /// share one broker and one Redis.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// RabbitMQ URL. Credentials in it are never logged.
+    #[serde(default = "default_amqp_url")]
+    pub amqp_url: String,
+    /// Redis URL. Credentials in it are never logged.
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    /// Directory holding `model.onnx` and `model.json`. Pins the worker to this
+    /// local model.
+    #[serde(default)]
+    pub model_dir: Option<PathBuf>,
+    /// Inference threads, each with its own model state; 0 means one per core.
+    #[serde(default)]
+    pub inference_threads: usize,
+    /// Unacknowledged deliveries per inference thread; the broker's prefetch
+    /// is this times the thread count, so the pool never starves nor hoards.
+    #[serde(default = "default_prefetch_per_thread")]
+    pub prefetch_per_thread: u16,
+    /// Deliveries of one message before the broker dead-letters it.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+    /// Lifetime of a result key, in seconds.
+    #[serde(default = "default_result_ttl_secs")]
+    pub result_ttl_secs: u64,
+    /// Approximate cap on the length of the results stream.
+    #[serde(default = "default_results_stream_maxlen")]
+    pub results_stream_maxlen: u64,
+    /// Largest accepted scan, in bytes.
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: usize,
+    /// Largest accepted scan, in pixels, checked before the full decode.
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
+    /// Address of the HTTP endpoints (`/healthz`, `/readyz`, `/metrics`).
+    #[serde(default = "default_http_addr")]
+    pub http_addr: String,
+    /// Seconds a worker may take to finish its jobs after SIGTERM.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+    /// Worker id in results, logs and heartbeats; empty means `host-pid`.
+    #[serde(default)]
+    pub worker_id: String,
+    /// Longest wait between two attempts at writing a result to Redis.
+    #[serde(default = "default_redis_max_backoff_ms")]
+    pub redis_max_backoff_ms: u64,
+    /// `human` or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax, for example `info` or `pleura=debug`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+fn default_namespace() -> String {
+    "pleura".into()
+}
+fn default_amqp_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".into()
+}
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379/0".into()
+}
+fn default_prefetch_per_thread() -> u16 {
+    2
+}
+fn default_delivery_limit() -> u32 {
+    5
+}
+fn default_result_ttl_secs() -> u64 {
+    7 * 24 * 3600
+}
+fn default_results_stream_maxlen() -> u64 {
+    100_000
+}
+fn default_max_image_bytes() -> usize {
+    crate::preprocess::DEFAULT_MAX_BYTES
+}
+fn default_max_image_pixels() -> u64 {
+    crate::preprocess::DEFAULT_MAX_PIXELS
+}
+fn default_http_addr() -> String {
+    "0.0.0.0:9100".into()
+}
+fn default_shutdown_grace_secs() -> u64 {
+    30
+}
+fn default_redis_max_backoff_ms() -> u64 {
+    5_000
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        // Deserialising an empty document applies every `default_*` function,
+        // so the defaults are written down exactly once.
+        serde_json::from_str("{}").expect("defaults deserialise")
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (or `PLEURA_CONFIG` when `file` is `None`),
+    /// then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env: config::Map<String, String> = std::env::vars().collect();
+        Self::load_from(file, env)
+    }
+
+    /// Like [`Settings::load`] with an explicit environment, for tests.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: config::Map<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get("PLEURA_CONFIG").filter(|s| !s.is_empty()).map(PathBuf::from));
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("PLEURA_") && !NON_CONFIG_ENV.contains(&k.as_str()))
+            .collect();
+        let mut builder = config::Config::builder();
+        if let Some(file) = &file {
+            builder = builder.add_source(config::File::from(file.as_path()).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("PLEURA")
+                .prefix_separator("_")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.namespace.is_empty()
+            || !self.namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "namespace {:?} must be non-empty and use only A-Z a-z 0-9 - _",
+                self.namespace
+            ));
+        }
+        if self.prefetch_per_thread == 0 {
+            return bad("prefetch_per_thread must be at least 1".into());
+        }
+        if self.delivery_limit == 0 {
+            return bad("delivery_limit must be at least 1".into());
+        }
+        if self.max_image_bytes == 0 || self.max_image_pixels == 0 {
+            return bad("max_image_bytes and max_image_pixels must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Inference threads after resolving 0 to the number of cores.
+    pub fn resolved_inference_threads(&self) -> usize {
+        if self.inference_threads > 0 {
+            self.inference_threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    /// The worker id after resolving empty to `host-pid`.
+    pub fn resolved_worker_id(&self) -> String {
+        if !self.worker_id.is_empty() {
+            return self.worker_id.clone();
+        }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        format!("{host}-{}", std::process::id())
+    }
+
+    /// Size limits for decoding.
+    pub fn limits(&self) -> crate::preprocess::Limits {
+        crate::preprocess::Limits {
+            max_bytes: self.max_image_bytes,
+            max_pixels: self.max_image_pixels,
+        }
+    }
+
+    /// Queue and key names of this fleet.
+    pub fn names(&self) -> crate::wire::Names {
+        crate::wire::Names::new(&self.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> config::Map<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_example_config_parses_and_sets_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pleura.example.toml");
+        let s = Settings::load_from(Some(&path), env(&[])).expect("example config parses");
+        // The example must spell out every key; serialising the settings and
+        // comparing key sets catches a key added to the struct but not the file.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let doc: toml_keys::Keys = toml_keys::keys(&text);
+        let json = serde_json::to_value(&s).unwrap();
+        for key in json.as_object().unwrap().keys() {
+            assert!(doc.contains(key), "pleura.example.toml does not document `{key}`");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_defaults() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("PLEURA_AMQP_URL", "amqp://u:p@h:1/%2f"),
+                ("PLEURA_INFERENCE_THREADS", "3"),
+                ("PLEURA_DATA", "/ignored/not/a/key"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.amqp_url, "amqp://u:p@h:1/%2f");
+        assert_eq!(s.inference_threads, 3);
+        assert_eq!(s.namespace, "pleura");
+        assert_eq!(s.delivery_limit, 5);
+        assert_eq!(s.result_ttl_secs, 604_800);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Settings::load_from(None, env(&[("PLEURA_AMQP_ULR", "x")])).unwrap_err();
+        assert!(err.to_string().contains("amqp_ulr"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "namespace = \"a\"\nprefetch = 3\n").unwrap();
+        assert!(Settings::load_from(Some(&file), env(&[])).is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        assert!(Settings::load_from(None, env(&[("PLEURA_NAMESPACE", "a b")])).is_err());
+        assert!(Settings::load_from(None, env(&[("PLEURA_DELIVERY_LIMIT", "0")])).is_err());
+    }
+
+    /// Top-level keys of a TOML document, including commented-out ones of the
+    /// form `# key = value`, which is how optional keys are documented.
+    mod toml_keys {
+        pub type Keys = std::collections::BTreeSet<String>;
+        pub fn keys(text: &str) -> Keys {
+            text.lines()
+                .map(|l| l.trim().trim_start_matches('#').trim())
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, _)| k.trim().to_string())
+                .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .collect()
+        }
+    }
+}

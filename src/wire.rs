@@ -1,0 +1,363 @@
+//! The wire contract between integrators, the CLI and the fleet.
+//!
+//! Everything an ingestion system must agree with Pleura on lives in this one
+//! module: queue and key names, message headers, and the versioned result
+//! document. A change here is a change to the public contract, so the result
+//! carries [`SCHEMA_VERSION`] and fields are only ever added.
+//!
+//! A job is one AMQP message whose body is the raw scan (PNG, JPEG or DICOM),
+//! whose `message_id` is the job id, and whose urgency is marked by AMQP
+//! priority >= 5 or the header `x-pleura-priority: stat`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the [`ScanResult`] document. Bumped only on a breaking change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Header that marks a STAT scan (`stat`) or a routine one (`routine`).
+pub const HEADER_PRIORITY: &str = "x-pleura-priority";
+/// Header carrying the submitter's clock in milliseconds since the Unix epoch,
+/// so the result can report time spent queued. Optional.
+pub const HEADER_SUBMITTED_MS: &str = "x-pleura-submitted-ms";
+/// Headers with this prefix (other than the reserved ones above) are
+/// correlation headers and are echoed back in the result.
+pub const CORRELATION_PREFIX: &str = "x-pleura-";
+/// AMQP priorities at or above this mark a STAT scan.
+pub const STAT_MIN_PRIORITY: u8 = 5;
+/// Correlation headers beyond this many are dropped, so a submitter cannot
+/// inflate every stored result.
+pub const MAX_CORRELATION_HEADERS: usize = 16;
+/// Correlation values longer than this are dropped.
+pub const MAX_CORRELATION_VALUE: usize = 256;
+/// Longest accepted job id.
+pub const MAX_JOB_ID_LEN: usize = 128;
+
+/// Urgency of a scan. STAT scans overtake any routine backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Urgent: read before anything routine.
+    Stat,
+    /// Everything else.
+    Routine,
+}
+
+impl Priority {
+    /// Classifies a message from its AMQP priority and its priority header.
+    /// Either marker is enough to make a scan STAT.
+    pub fn from_markers(amqp_priority: Option<u8>, header: Option<&str>) -> Priority {
+        let by_header = header.is_some_and(|h| h.trim().eq_ignore_ascii_case("stat"));
+        let by_priority = amqp_priority.is_some_and(|p| p >= STAT_MIN_PRIORITY);
+        if by_header || by_priority {
+            Priority::Stat
+        } else {
+            Priority::Routine
+        }
+    }
+
+    /// The value used for the `x-pleura-priority` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Stat => "stat",
+            Priority::Routine => "routine",
+        }
+    }
+
+    /// The AMQP priority a submitter should set alongside the header.
+    pub fn amqp_priority(self) -> u8 {
+        match self {
+            Priority::Stat => 9,
+            Priority::Routine => 0,
+        }
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "stat" => Ok(Priority::Stat),
+            "routine" => Ok(Priority::Routine),
+            other => Err(format!("unknown priority {other:?} (expected stat or routine)")),
+        }
+    }
+}
+
+/// Checks that a job id is usable as part of a Redis key and a log field.
+///
+/// Ids are chosen by integrators; restricting the alphabet keeps them from
+/// smuggling key separators, control characters or PHI-sized payloads in.
+pub fn validate_job_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("job id is empty".into());
+    }
+    if id.len() > MAX_JOB_ID_LEN {
+        return Err(format!("job id longer than {MAX_JOB_ID_LEN} bytes"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(format!("job id contains {c:?}; allowed are A-Z a-z 0-9 - _ . :"));
+    }
+    Ok(())
+}
+
+/// Names of every queue, exchange and key of one fleet.
+///
+/// Everything derives from a namespace so several fleets, and parallel tests,
+/// can share one broker and one Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    /// Names for namespace `ns` (for example `pleura`).
+    pub fn new(ns: impl Into<String>) -> Self {
+        Names { ns: ns.into() }
+    }
+
+    /// The namespace itself.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// Headers exchange where integrators publish scans. STAT-marked messages
+    /// are routed to [`Names::stat_queue`]; everything else falls through its
+    /// alternate exchange to [`Names::routine_queue`].
+    pub fn scans_exchange(&self) -> String {
+        format!("{}.scans", self.ns)
+    }
+
+    /// Fanout exchange that receives whatever the scans exchange could not route.
+    pub fn routine_exchange(&self) -> String {
+        format!("{}.scans.routine", self.ns)
+    }
+
+    /// Quorum queue of STAT scans; workers always drain it first.
+    pub fn stat_queue(&self) -> String {
+        format!("{}.scans.stat", self.ns)
+    }
+
+    /// Quorum queue of routine scans.
+    pub fn routine_queue(&self) -> String {
+        format!("{}.scans.routine", self.ns)
+    }
+
+    /// Fanout exchange receiving rejected and over-delivered scans.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.ns)
+    }
+
+    /// Queue holding dead-lettered scans for inspection.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+
+    /// Redis key of one job's result.
+    pub fn result_key(&self, job_id: &str) -> String {
+        format!("{}:result:{}", self.ns, job_id)
+    }
+
+    /// Redis stream every result is appended to, once.
+    pub fn results_stream(&self) -> String {
+        format!("{}:results", self.ns)
+    }
+}
+
+/// Outcome of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The scan was read and classified.
+    Ok,
+    /// The scan could not be classified; see [`ScanResult::error`].
+    Error,
+}
+
+/// The model's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Label {
+    /// `p_effusion >= threshold`.
+    Effusion,
+    /// `p_effusion < threshold`.
+    Nofinding,
+}
+
+impl Label {
+    /// Applies a decision threshold to a probability of effusion.
+    pub fn from_probability(p_effusion: f32, threshold: f32) -> Label {
+        if p_effusion >= threshold {
+            Label::Effusion
+        } else {
+            Label::Nofinding
+        }
+    }
+
+    /// The label as written in results and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Label::Effusion => "effusion",
+            Label::Nofinding => "nofinding",
+        }
+    }
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From submission to the worker picking the job up; `null` when the
+    /// submitter sent no timestamp.
+    pub queue: Option<f64>,
+    /// Decoding and preprocessing.
+    pub decode: f64,
+    /// Model inference.
+    pub infer: f64,
+    /// From the worker picking the job up to the result being ready.
+    pub total: f64,
+}
+
+/// Why a job failed, with a stable machine-readable code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Stable code, for example `corrupt_image` or `too_large`.
+    pub code: String,
+    /// Human-readable detail. Never contains PHI.
+    pub message: String,
+}
+
+/// The result document stored at `{ns}:result:{job_id}` and appended to
+/// `{ns}:results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanResult {
+    /// Always [`SCHEMA_VERSION`] for documents written by this code.
+    pub schema: u32,
+    /// The job id, the AMQP `message_id` of the submission.
+    pub job_id: String,
+    /// `ok` or `error`.
+    pub status: Status,
+    /// The verdict; `null` on error.
+    pub label: Option<Label>,
+    /// Probability of effusion in [0, 1]; `null` on error.
+    pub p_effusion: Option<f32>,
+    /// Decision threshold the label was drawn with; `null` on error.
+    pub threshold: Option<f32>,
+    /// Version of the model that produced the verdict; `null` when no model ran.
+    pub model_version: Option<String>,
+    /// Urgency the scan was handled with.
+    pub priority: Priority,
+    /// Where the time went.
+    pub timings_ms: Timings,
+    /// Id of the worker that wrote this result.
+    pub worker: String,
+    /// When the result was produced, RFC 3339 UTC.
+    pub completed_at: String,
+    /// Why the job failed, only when `status` is `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// Correlation headers of the submission, echoed verbatim.
+    #[serde(default)]
+    pub correlation: BTreeMap<String, String>,
+}
+
+impl ScanResult {
+    /// Whether the job succeeded.
+    pub fn is_ok(&self) -> bool {
+        self.status == Status::Ok
+    }
+}
+
+/// Picks the correlation headers out of a message's string headers.
+pub fn correlation_headers<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<String, String> {
+    headers
+        .into_iter()
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            k.starts_with(CORRELATION_PREFIX) && k != HEADER_PRIORITY && k != HEADER_SUBMITTED_MS
+        })
+        .filter(|(_, v)| v.len() <= MAX_CORRELATION_VALUE)
+        .take(MAX_CORRELATION_HEADERS)
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn either_marker_makes_a_scan_stat() {
+        assert_eq!(Priority::from_markers(Some(5), None), Priority::Stat);
+        assert_eq!(Priority::from_markers(Some(9), Some("routine")), Priority::Stat);
+        assert_eq!(Priority::from_markers(None, Some("STAT")), Priority::Stat);
+        assert_eq!(Priority::from_markers(Some(4), None), Priority::Routine);
+        assert_eq!(Priority::from_markers(None, None), Priority::Routine);
+    }
+
+    #[test]
+    fn job_ids_are_restricted() {
+        assert!(validate_job_id("3f2b-11:acc.9_x").is_ok());
+        assert!(validate_job_id("").is_err());
+        assert!(validate_job_id("a b").is_err());
+        assert!(validate_job_id("a\nb").is_err());
+        assert!(validate_job_id(&"x".repeat(MAX_JOB_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn names_derive_from_the_namespace() {
+        let n = Names::new("t1");
+        assert_eq!(n.stat_queue(), "t1.scans.stat");
+        assert_eq!(n.routine_queue(), "t1.scans.routine");
+        assert_eq!(n.dead_queue(), "t1.dead");
+        assert_eq!(n.result_key("j"), "t1:result:j");
+        assert_eq!(n.results_stream(), "t1:results");
+    }
+
+    #[test]
+    fn only_correlation_headers_are_echoed() {
+        let long = "v".repeat(MAX_CORRELATION_VALUE + 1);
+        let echoed = correlation_headers([
+            ("x-pleura-accession", "ACC1"),
+            ("X-Pleura-Site", "north"),
+            ("x-pleura-priority", "stat"),
+            ("x-pleura-submitted-ms", "1"),
+            ("x-other", "no"),
+            ("x-pleura-long", long.as_str()),
+        ]);
+        assert_eq!(echoed.len(), 2);
+        assert_eq!(echoed["x-pleura-accession"], "ACC1");
+        assert_eq!(echoed["x-pleura-site"], "north");
+    }
+
+    #[test]
+    fn result_round_trips_with_schema_and_nulls() {
+        let r = ScanResult {
+            schema: SCHEMA_VERSION,
+            job_id: "j1".into(),
+            status: Status::Error,
+            label: None,
+            p_effusion: None,
+            threshold: None,
+            model_version: None,
+            priority: Priority::Routine,
+            timings_ms: Timings::default(),
+            worker: "w".into(),
+            completed_at: "2026-01-01T00:00:00Z".into(),
+            error: Some(ErrorInfo { code: "corrupt_image".into(), message: "bad".into() }),
+            correlation: BTreeMap::new(),
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["schema"], 1);
+        assert_eq!(json["status"], "error");
+        assert!(json["label"].is_null());
+        assert_eq!(json["error"]["code"], "corrupt_image");
+        let back: ScanResult = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+    }
+}
