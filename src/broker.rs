@@ -108,7 +108,9 @@ pub async fn declare_topology(
             .await?;
     }
     let mut stat_binding = FieldTable::default();
-    stat_binding.insert("x-match".into(), AMQPValue::LongString("any".into()));
+    // Plain `any` ignores `x-` headers when matching; `any-with-x` (RabbitMQ
+    // 3.10+) is what lets our `x-pleura-priority` header route.
+    stat_binding.insert("x-match".into(), AMQPValue::LongString("any-with-x".into()));
     stat_binding.insert(HEADER_PRIORITY.into(), AMQPValue::LongString("stat".into()));
     channel
         .queue_bind(

@@ -148,7 +148,8 @@ pub fn rfc3339_seconds(t: SystemTime) -> String {
 
 fn valid_version(v: &str) -> bool {
     (1..=MAX_VERSION_LEN).contains(&v.len())
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl Manifest {
@@ -158,7 +159,10 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ManifestError> {
         let bad = |msg: String| Err(ManifestError::Invalid(msg));
         if self.schema != SCHEMA_VERSION {
-            return bad(format!("schema {} is not supported (expected {SCHEMA_VERSION})", self.schema));
+            return bad(format!(
+                "schema {} is not supported (expected {SCHEMA_VERSION})",
+                self.schema
+            ));
         }
         if !valid_version(&self.version) {
             return bad(format!(
@@ -167,16 +171,31 @@ impl Manifest {
             ));
         }
         if self.sha256.len() != 64
-            || !self.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !self
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
-            return bad(format!("sha256 {:?} is not 64 lowercase hex digits", self.sha256));
+            return bad(format!(
+                "sha256 {:?} is not 64 lowercase hex digits",
+                self.sha256
+            ));
         }
         if humantime::parse_rfc3339(&self.created_at).is_err() {
-            return bad(format!("created_at {:?} is not RFC 3339 (UTC, Z)", self.created_at));
+            return bad(format!(
+                "created_at {:?} is not RFC 3339 (UTC, Z)",
+                self.created_at
+            ));
         }
-        self.spec.validate().map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        self.spec
+            .validate()
+            .map_err(|e| ManifestError::Invalid(e.to_string()))?;
         if self.input.size < onnx::MIN_IMAGE_SIZE {
-            return bad(format!("input.size {} is below {}", self.input.size, onnx::MIN_IMAGE_SIZE));
+            return bad(format!(
+                "input.size {} is below {}",
+                self.input.size,
+                onnx::MIN_IMAGE_SIZE
+            ));
         }
         if self.input.size != self.spec.image_size {
             return bad(format!(
@@ -192,10 +211,18 @@ impl Manifest {
             ));
         }
         if self.input.name != onnx::INPUT_NAME {
-            return bad(format!("input.name {:?} must be {:?}", self.input.name, onnx::INPUT_NAME));
+            return bad(format!(
+                "input.name {:?} must be {:?}",
+                self.input.name,
+                onnx::INPUT_NAME
+            ));
         }
         if self.output != onnx::OUTPUT_NAME {
-            return bad(format!("output {:?} must be {:?}", self.output, onnx::OUTPUT_NAME));
+            return bad(format!(
+                "output {:?} must be {:?}",
+                self.output,
+                onnx::OUTPUT_NAME
+            ));
         }
         if self.normalisation != NORMALISATION_MINMAX {
             return bad(format!(
@@ -215,7 +242,10 @@ impl Manifest {
         }
         // `!(x > 0 && x < 1)` also catches NaN.
         if !(self.threshold > 0.0 && self.threshold < 1.0) {
-            return bad(format!("threshold {} must lie strictly between 0 and 1", self.threshold));
+            return bad(format!(
+                "threshold {} must lie strictly between 0 and 1",
+                self.threshold
+            ));
         }
         for (i, g) in self.golden.iter().enumerate() {
             if g.name.is_empty() {
@@ -266,8 +296,11 @@ impl ModelFiles {
     pub fn read_dir(dir: &Path) -> Result<ModelFiles, ManifestError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let json = read(&manifest_path)?;
-        let manifest: Manifest = serde_json::from_slice(&json)
-            .map_err(|source| ManifestError::Parse { path: manifest_path, source })?;
+        let manifest: Manifest =
+            serde_json::from_slice(&json).map_err(|source| ManifestError::Parse {
+                path: manifest_path,
+                source,
+            })?;
         let onnx = read(&dir.join(ONNX_FILE))?;
         let files = ModelFiles { manifest, onnx };
         files.verify()?;
@@ -293,7 +326,10 @@ impl ModelFiles {
 }
 
 fn io_err(path: &Path, source: io::Error) -> ManifestError {
-    ManifestError::Io { path: path.to_path_buf(), source }
+    ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ManifestError> {
@@ -311,7 +347,10 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ManifestErro
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         // Flush to disk before the rename makes the file visible, so a crash
         // cannot leave a renamed but empty file behind.
@@ -344,14 +383,19 @@ pub fn init_model(spec: &ResNetSpec, seed: u64) -> Result<ModelFiles, OnnxError>
     spec.validate()?;
     let onnx = onnx::write_onnx(spec, &onnx::init_weights(spec, seed))?;
     let sha256 = sha256_hex(&onnx);
-    let channels = u32::try_from(spec.in_channels)
-        .map_err(|_| OnnxError::InvalidSpec(format!("in_channels {} is out of range", spec.in_channels)))?;
+    let channels = u32::try_from(spec.in_channels).map_err(|_| {
+        OnnxError::InvalidSpec(format!("in_channels {} is out of range", spec.in_channels))
+    })?;
     let manifest = Manifest {
         schema: SCHEMA_VERSION,
         version: format!("init-{}", &sha256[..12]),
         sha256,
         created_at: rfc3339_seconds(UNIX_EPOCH),
-        input: InputSpec { size: spec.image_size, channels, name: onnx::INPUT_NAME.into() },
+        input: InputSpec {
+            size: spec.image_size,
+            channels,
+            name: onnx::INPUT_NAME.into(),
+        },
         output: onnx::OUTPUT_NAME.into(),
         normalisation: NORMALISATION_MINMAX.into(),
         labels: LABELS.iter().map(|s| s.to_string()).collect(),
@@ -375,7 +419,10 @@ mod tests {
     use super::*;
 
     fn tiny() -> ResNetSpec {
-        ResNetSpec { image_size: 32, ..ResNetSpec::with_width(4) }
+        ResNetSpec {
+            image_size: 32,
+            ..ResNetSpec::with_width(4)
+        }
     }
 
     fn entries(dir: &Path) -> Vec<String> {
@@ -390,7 +437,11 @@ mod tests {
     /// Writes `manifest` as JSON beside `onnx` without any validation, to
     /// hand read_dir files that write_dir would refuse to produce.
     fn write_raw(dir: &Path, manifest: &serde_json::Value, onnx: &[u8]) {
-        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(manifest).unwrap()).unwrap();
+        fs::write(
+            dir.join(MANIFEST_FILE),
+            serde_json::to_vec(manifest).unwrap(),
+        )
+        .unwrap();
         fs::write(dir.join(ONNX_FILE), onnx).unwrap();
     }
 
@@ -406,24 +457,46 @@ mod tests {
         assert_eq!(m.created_at, "1970-01-01T00:00:00Z");
         assert_eq!((m.threshold, m.trained, m.schema), (0.5, false, 1));
         assert_eq!(m.labels, ["effusion", "nofinding"]);
-        assert_eq!(m.input, InputSpec { size: 32, channels: 1, name: "input".into() });
+        assert_eq!(
+            m.input,
+            InputSpec {
+                size: 32,
+                channels: 1,
+                name: "input".into()
+            }
+        );
 
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         a.write_dir(d1.path()).unwrap();
         b.write_dir(d2.path()).unwrap();
         for f in [MANIFEST_FILE, ONNX_FILE] {
-            assert_eq!(fs::read(d1.path().join(f)).unwrap(), fs::read(d2.path().join(f)).unwrap());
+            assert_eq!(
+                fs::read(d1.path().join(f)).unwrap(),
+                fs::read(d2.path().join(f)).unwrap()
+            );
         }
     }
 
     #[test]
     fn init_model_refuses_specs_the_manifest_cannot_describe() {
         for spec in [
-            ResNetSpec { num_classes: 3, ..tiny() },
-            ResNetSpec { in_channels: 3, ..tiny() },
-            ResNetSpec { image_size: 16, ..tiny() },
+            ResNetSpec {
+                num_classes: 3,
+                ..tiny()
+            },
+            ResNetSpec {
+                in_channels: 3,
+                ..tiny()
+            },
+            ResNetSpec {
+                image_size: 16,
+                ..tiny()
+            },
         ] {
-            assert!(matches!(init_model(&spec, 0), Err(OnnxError::InvalidSpec(_))), "{spec:?}");
+            assert!(
+                matches!(init_model(&spec, 0), Err(OnnxError::InvalidSpec(_))),
+                "{spec:?}"
+            );
         }
     }
 
@@ -431,8 +504,11 @@ mod tests {
     fn round_trip_through_a_directory() {
         let mut files = init_model(&tiny(), 0).unwrap();
         files.manifest.metrics = Some(serde_json::json!({"auc": 0.91}));
-        files.manifest.golden =
-            vec![GoldenCase { name: "phantom-0".into(), input_seed: 9, expected: vec![0.25, 0.75] }];
+        files.manifest.golden = vec![GoldenCase {
+            name: "phantom-0".into(),
+            input_seed: 9,
+            expected: vec![0.25, 0.75],
+        }];
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("models/m1");
         files.write_dir(&dir).unwrap();
@@ -441,7 +517,10 @@ mod tests {
         let bare = init_model(&tiny(), 0).unwrap();
         bare.write_dir(&dir).unwrap();
         let json = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
-        assert!(!json.contains("metrics") && !json.contains("golden"), "{json}");
+        assert!(
+            !json.contains("metrics") && !json.contains("golden"),
+            "{json}"
+        );
         assert_eq!(ModelFiles::read_dir(&dir).unwrap(), bare);
     }
 
@@ -464,7 +543,10 @@ mod tests {
         }
         // write_dir refuses a mismatched pair too.
         let torn = ModelFiles { onnx, ..files };
-        assert!(matches!(torn.write_dir(tmp.path()), Err(ManifestError::HashMismatch { .. })));
+        assert!(matches!(
+            torn.write_dir(tmp.path()),
+            Err(ManifestError::HashMismatch { .. })
+        ));
     }
 
     #[test]
@@ -486,7 +568,10 @@ mod tests {
         let mut nested = good.clone();
         nested["spec"]["groups"] = serde_json::json!(2);
         write_raw(tmp.path(), &nested, &files.onnx);
-        assert!(matches!(ModelFiles::read_dir(tmp.path()), Err(ManifestError::Parse { .. })));
+        assert!(matches!(
+            ModelFiles::read_dir(tmp.path()),
+            Err(ManifestError::Parse { .. })
+        ));
 
         write_raw(tmp.path(), &good, &files.onnx);
         assert!(ModelFiles::read_dir(tmp.path()).is_ok());
@@ -495,34 +580,45 @@ mod tests {
     #[test]
     fn invalid_manifests_are_refused() {
         let files = init_model(&tiny(), 0).unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
-            ("threshold 0", Box::new(|m| m.threshold = 0.0)),
-            ("threshold 1", Box::new(|m| m.threshold = 1.0)),
-            ("threshold NaN", Box::new(|m| m.threshold = f32::NAN)),
-            ("schema 2", Box::new(|m| m.schema = 2)),
-            ("version slash", Box::new(|m| m.version = "a/b".into())),
-            ("version empty", Box::new(|m| m.version = String::new())),
-            ("version long", Box::new(|m| m.version = "v".repeat(65))),
-            ("labels swapped", Box::new(|m| m.labels.reverse())),
-            ("size 16", Box::new(|m| {
+        type Mutation = fn(&mut Manifest);
+        let cases: [(&str, Mutation); 15] = [
+            ("threshold 0", |m| m.threshold = 0.0),
+            ("threshold 1", |m| m.threshold = 1.0),
+            ("threshold NaN", |m| m.threshold = f32::NAN),
+            ("schema 2", |m| m.schema = 2),
+            ("version slash", |m| m.version = "a/b".into()),
+            ("version empty", |m| m.version = String::new()),
+            ("version long", |m| m.version = "v".repeat(65)),
+            ("labels swapped", |m| m.labels.reverse()),
+            ("size 16", |m| {
                 m.input.size = 16;
                 m.spec.image_size = 16;
-            })),
-            ("size differs", Box::new(|m| m.input.size = 64)),
-            ("channels", Box::new(|m| m.input.channels = 3)),
-            ("output", Box::new(|m| m.output = "logits".into())),
-            ("normalisation", Box::new(|m| m.normalisation = "zscore".into())),
-            ("created_at", Box::new(|m| m.created_at = "yesterday".into())),
-            ("golden", Box::new(|m| {
-                m.golden = vec![GoldenCase { name: "g".into(), input_seed: 0, expected: vec![1.0] }]
-            })),
+            }),
+            ("size differs", |m| m.input.size = 64),
+            ("channels", |m| m.input.channels = 3),
+            ("output", |m| m.output = "logits".into()),
+            ("normalisation", |m| m.normalisation = "zscore".into()),
+            ("created_at", |m| m.created_at = "yesterday".into()),
+            ("golden", |m| {
+                m.golden = vec![GoldenCase {
+                    name: "g".into(),
+                    input_seed: 0,
+                    expected: vec![1.0],
+                }]
+            }),
         ];
         for (what, mutate) in cases {
             let mut bad = files.clone();
             mutate(&mut bad.manifest);
-            assert!(matches!(bad.verify(), Err(ManifestError::Invalid(_))), "{what}");
+            assert!(
+                matches!(bad.verify(), Err(ManifestError::Invalid(_))),
+                "{what}"
+            );
             let tmp = tempfile::tempdir().unwrap();
-            assert!(bad.write_dir(tmp.path()).is_err(), "{what}: write_dir must refuse");
+            assert!(
+                bad.write_dir(tmp.path()).is_err(),
+                "{what}: write_dir must refuse"
+            );
             assert!(entries(tmp.path()).is_empty(), "{what}: nothing written");
         }
         let mut ok = files.clone();

@@ -138,7 +138,10 @@ impl ResNetSpec {
     pub fn validate(&self) -> Result<(), OnnxError> {
         let bad = |msg: String| Err(OnnxError::InvalidSpec(msg));
         if self.in_channels < 1 {
-            return bad(format!("in_channels must be >= 1, got {}", self.in_channels));
+            return bad(format!(
+                "in_channels must be >= 1, got {}",
+                self.in_channels
+            ));
         }
         if self.image_size < MIN_IMAGE_SIZE {
             return bad(format!(
@@ -166,7 +169,10 @@ impl ResNetSpec {
             return bad("every stage needs at least one block".into());
         }
         if self.num_classes < 1 {
-            return bad(format!("num_classes must be >= 1, got {}", self.num_classes));
+            return bad(format!(
+                "num_classes must be >= 1, got {}",
+                self.num_classes
+            ));
         }
         Ok(())
     }
@@ -203,11 +209,17 @@ impl ResNetSpec {
     pub fn params(&self) -> Vec<ParamSpec> {
         let mut out = Vec::new();
         let conv = |out: &mut Vec<ParamSpec>, path: &str, o: i64, i: i64, k: i64| {
-            out.push(ParamSpec { name: format!("{path}.weight"), shape: vec![o, i, k, k] });
+            out.push(ParamSpec {
+                name: format!("{path}.weight"),
+                shape: vec![o, i, k, k],
+            });
         };
         let bn = |out: &mut Vec<ParamSpec>, path: &str, c: i64| {
             for field in ["weight", "bias", "running_mean", "running_var"] {
-                out.push(ParamSpec { name: format!("{path}.{field}"), shape: vec![c] });
+                out.push(ParamSpec {
+                    name: format!("{path}.{field}"),
+                    shape: vec![c],
+                });
             }
         };
         conv(&mut out, "conv1", self.stem_width, self.in_channels, 7);
@@ -227,7 +239,10 @@ impl ResNetSpec {
             name: "fc.weight".into(),
             shape: vec![self.num_classes, self.last_width()],
         });
-        out.push(ParamSpec { name: "fc.bias".into(), shape: vec![self.num_classes] });
+        out.push(ParamSpec {
+            name: "fc.bias".into(),
+            shape: vec![self.num_classes],
+        });
         out
     }
 }
@@ -266,7 +281,8 @@ impl Weights {
         shape: Vec<i64>,
         data: Vec<f32>,
     ) -> Option<WeightTensor> {
-        self.tensors.insert(name.into(), WeightTensor { shape, data })
+        self.tensors
+            .insert(name.into(), WeightTensor { shape, data })
     }
 
     /// The tensor called `name`, if present.
@@ -311,10 +327,19 @@ pub enum OnnxError {
     MissingWeight { name: String },
     /// A weight exists with the wrong shape.
     #[error("weight {name:?} has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch { name: String, expected: Vec<i64>, found: Vec<i64> },
+    ShapeMismatch {
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
     /// A weight's data length disagrees with its own shape.
     #[error("weight {name:?} has {found} values but shape {shape:?} needs {expected}")]
-    DataLength { name: String, shape: Vec<i64>, expected: usize, found: usize },
+    DataLength {
+        name: String,
+        shape: Vec<i64>,
+        expected: usize,
+        found: usize,
+    },
     /// A weight holds NaN or infinity (e.g. a diverged training run).
     #[error("weight {name:?} holds a non-finite value at index {index}")]
     NonFinite { name: String, index: usize },
@@ -352,7 +377,10 @@ impl Normal {
 /// mean 0, running var 1), the fc weight uniform in ±1/sqrt(fan_in) (torch's
 /// `Linear` default) and the fc bias 0.
 pub fn init_weights(spec: &ResNetSpec, seed: u64) -> Weights {
-    let mut normal = Normal { rng: ChaCha8Rng::seed_from_u64(seed), spare: None };
+    let mut normal = Normal {
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        spare: None,
+    };
     let mut weights = Weights::new();
     for p in spec.params() {
         let n = p.numel();
@@ -386,7 +414,9 @@ fn check_weights(spec: &ResNetSpec, weights: &Weights) -> Result<Vec<ParamSpec>,
     for p in &params {
         let w = weights
             .get(&p.name)
-            .ok_or_else(|| OnnxError::MissingWeight { name: p.name.clone() })?;
+            .ok_or_else(|| OnnxError::MissingWeight {
+                name: p.name.clone(),
+            })?;
         if w.shape != p.shape {
             return Err(OnnxError::ShapeMismatch {
                 name: p.name.clone(),
@@ -403,12 +433,17 @@ fn check_weights(spec: &ResNetSpec, weights: &Weights) -> Result<Vec<ParamSpec>,
             });
         }
         if let Some(index) = w.data.iter().position(|v| !v.is_finite()) {
-            return Err(OnnxError::NonFinite { name: p.name.clone(), index });
+            return Err(OnnxError::NonFinite {
+                name: p.name.clone(),
+                index,
+            });
         }
     }
     let known: BTreeSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
     if let Some((name, _)) = weights.iter().find(|(name, _)| !known.contains(name)) {
-        return Err(OnnxError::UnexpectedWeight { name: name.to_string() });
+        return Err(OnnxError::UnexpectedWeight {
+            name: name.to_string(),
+        });
     }
     Ok(params)
 }
@@ -440,10 +475,16 @@ fn attr_float(name: &str, f: f32) -> pb::AttributeProto {
     }
 }
 
-fn tensor_value_info(name: &str, dims: Vec<pb::tensor_shape_proto::dimension::Value>) -> pb::ValueInfoProto {
+fn tensor_value_info(
+    name: &str,
+    dims: Vec<pb::tensor_shape_proto::dimension::Value>,
+) -> pb::ValueInfoProto {
     let dim = dims
         .into_iter()
-        .map(|v| pb::tensor_shape_proto::Dimension { value: Some(v), ..Default::default() })
+        .map(|v| pb::tensor_shape_proto::Dimension {
+            value: Some(v),
+            ..Default::default()
+        })
         .collect();
     pb::ValueInfoProto {
         name: name.into(),
@@ -521,7 +562,12 @@ impl GraphBuilder {
             .map(|f| format!("{path}.{f}"))
             .collect();
         let inputs = [x, &names[0], &names[1], &names[2], &names[3]];
-        self.node("BatchNormalization", path, &inputs, vec![attr_float("epsilon", BN_EPSILON)])
+        self.node(
+            "BatchNormalization",
+            path,
+            &inputs,
+            vec![attr_float("epsilon", BN_EPSILON)],
+        )
     }
 
     fn relu(&mut self, name: &str, x: &str) -> String {
@@ -592,19 +638,36 @@ pub fn write_onnx(spec: &ResNetSpec, weights: &Weights) -> Result<Vec<u8>, OnnxE
         "Gemm",
         "fc",
         &[&x, "fc.weight", "fc.bias"],
-        vec![attr_float("alpha", 1.0), attr_float("beta", 1.0), attr_int("transB", 1)],
+        vec![
+            attr_float("alpha", 1.0),
+            attr_float("beta", 1.0),
+            attr_int("transB", 1),
+        ],
     );
-    g.node_to("Softmax", "softmax", &[&x], vec![attr_int("axis", 1)], OUTPUT_NAME);
+    g.node_to(
+        "Softmax",
+        "softmax",
+        &[&x],
+        vec![attr_int("axis", 1)],
+        OUTPUT_NAME,
+    );
 
     use pb::tensor_shape_proto::dimension::Value::{DimParam, DimValue};
     let side = i64::from(spec.image_size);
     let mut input = tensor_value_info(
         INPUT_NAME,
-        vec![DimParam(BATCH_DIM.into()), DimValue(spec.in_channels), DimValue(side), DimValue(side)],
+        vec![
+            DimParam(BATCH_DIM.into()),
+            DimValue(spec.in_channels),
+            DimValue(side),
+            DimValue(side),
+        ],
     );
     input.doc_string = "float32 image batch, min-max normalised to [0, 1]".into();
-    let mut output =
-        tensor_value_info(OUTPUT_NAME, vec![DimParam(BATCH_DIM.into()), DimValue(spec.num_classes)]);
+    let mut output = tensor_value_info(
+        OUTPUT_NAME,
+        vec![DimParam(BATCH_DIM.into()), DimValue(spec.num_classes)],
+    );
     output.doc_string = "softmax probabilities; column 0 = effusion, column 1 = nofinding".into();
 
     let graph = pb::GraphProto {
@@ -615,11 +678,13 @@ pub fn write_onnx(spec: &ResNetSpec, weights: &Weights) -> Result<Vec<u8>, OnnxE
         output: vec![output],
         ..Default::default()
     };
-    let spec_json =
-        serde_json::to_string(spec).expect("a ResNetSpec always serialises to JSON");
+    let spec_json = serde_json::to_string(spec).expect("a ResNetSpec always serialises to JSON");
     let model = pb::ModelProto {
         ir_version: IR_VERSION,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: OPSET_VERSION }],
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET_VERSION,
+        }],
         producer_name: PRODUCER_NAME.into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(graph),
@@ -638,11 +703,18 @@ mod tests {
     use tract_onnx::prelude::*;
 
     fn tiny(image_size: u32) -> ResNetSpec {
-        ResNetSpec { image_size, ..ResNetSpec::with_width(4) }
+        ResNetSpec {
+            image_size,
+            ..ResNetSpec::with_width(4)
+        }
     }
 
     /// Loads `bytes` in tract for a fixed input shape and runs it.
-    fn run_tract(bytes: &[u8], shape: [usize; 4], input: &[f32]) -> TractResult<(Vec<usize>, Vec<f32>)> {
+    fn run_tract(
+        bytes: &[u8],
+        shape: [usize; 4],
+        input: &[f32],
+    ) -> TractResult<(Vec<usize>, Vec<f32>)> {
         let model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])?
             .with_input_fact(0, f32::fact(shape).into())?
@@ -673,7 +745,11 @@ mod tests {
         // conv1 + bn1(4) + 8 blocks x (2 convs + 2 BNs = 10) + 3 downsamples x 5 + fc(2).
         assert_eq!(params.len(), 1 + 4 + 8 * 10 + 3 * 5 + 2);
         let shape = |name: &str| {
-            params.iter().find(|p| p.name == name).map(|p| p.shape.clone()).unwrap_or_else(|| panic!("{name} missing"))
+            params
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.shape.clone())
+                .unwrap_or_else(|| panic!("{name} missing"))
         };
         assert_eq!(params[0].name, "conv1.weight");
         assert_eq!(shape("conv1.weight"), vec![64, 1, 7, 7]);
@@ -688,11 +764,19 @@ mod tests {
         assert_eq!(shape("fc.bias"), vec![2]);
         assert_eq!(params.last().unwrap().name, "fc.bias");
         // Stage 1 keeps channels and stride: no downsample there.
-        assert!(!params.iter().any(|p| p.name.starts_with("layer1.0.downsample")));
-        assert!(!params.iter().any(|p| p.name.starts_with("layer2.1.downsample")));
+        assert!(!params
+            .iter()
+            .any(|p| p.name.starts_with("layer1.0.downsample")));
+        assert!(!params
+            .iter()
+            .any(|p| p.name.starts_with("layer2.1.downsample")));
         // ResNet-18 has 11.17M trainable parameters at 3 input channels; at 1
         // input channel the stem loses 2*64*49 and the head is 2 classes.
-        let trainable: usize = params.iter().filter(|p| p.trainable()).map(|p| p.numel()).sum();
+        let trainable: usize = params
+            .iter()
+            .filter(|p| p.trainable())
+            .map(|p| p.numel())
+            .sum();
         assert_eq!(trainable, 11_689_512 - 2 * 64 * 49 - 998 * 513);
         let names: BTreeSet<_> = params.iter().map(|p| &p.name).collect();
         assert_eq!(names.len(), params.len(), "names are unique");
@@ -722,31 +806,58 @@ mod tests {
         let mut w = good.clone();
         w.insert("fc.weight", vec![32, 2], vec![0.0; 64]);
         match write_onnx(&spec, &w) {
-            Err(OnnxError::ShapeMismatch { name, expected, found }) => {
-                assert_eq!((name.as_str(), expected, found), ("fc.weight", vec![2, 32], vec![32, 2]));
+            Err(OnnxError::ShapeMismatch {
+                name,
+                expected,
+                found,
+            }) => {
+                assert_eq!(
+                    (name.as_str(), expected, found),
+                    ("fc.weight", vec![2, 32], vec![32, 2])
+                );
             }
             other => panic!("{other:?}"),
         }
 
         let mut w = good.clone();
         w.get_mut("fc.bias").unwrap().data.push(0.0);
-        assert!(matches!(write_onnx(&spec, &w), Err(OnnxError::DataLength { .. })));
+        assert!(matches!(
+            write_onnx(&spec, &w),
+            Err(OnnxError::DataLength { .. })
+        ));
 
         let mut w = good.clone();
         w.get_mut("conv1.weight").unwrap().data[3] = f32::NAN;
-        assert!(matches!(write_onnx(&spec, &w), Err(OnnxError::NonFinite { index: 3, .. })));
+        assert!(matches!(
+            write_onnx(&spec, &w),
+            Err(OnnxError::NonFinite { index: 3, .. })
+        ));
 
         let mut w = good.clone();
         w.insert("bn1.num_batches_tracked", vec![1], vec![0.0]);
         match write_onnx(&spec, &w) {
-            Err(OnnxError::UnexpectedWeight { name }) => assert_eq!(name, "bn1.num_batches_tracked"),
+            Err(OnnxError::UnexpectedWeight { name }) => {
+                assert_eq!(name, "bn1.num_batches_tracked")
+            }
             other => panic!("{other:?}"),
         }
 
-        let bad = ResNetSpec { blocks: vec![2, 2], ..spec.clone() };
-        assert!(matches!(write_onnx(&bad, &good), Err(OnnxError::InvalidSpec(_))));
-        let bad = ResNetSpec { image_size: 16, ..spec };
-        assert!(matches!(write_onnx(&bad, &good), Err(OnnxError::InvalidSpec(_))));
+        let bad = ResNetSpec {
+            blocks: vec![2, 2],
+            ..spec.clone()
+        };
+        assert!(matches!(
+            write_onnx(&bad, &good),
+            Err(OnnxError::InvalidSpec(_))
+        ));
+        let bad = ResNetSpec {
+            image_size: 16,
+            ..spec
+        };
+        assert!(matches!(
+            write_onnx(&bad, &good),
+            Err(OnnxError::InvalidSpec(_))
+        ));
     }
 
     #[test]
@@ -756,7 +867,13 @@ mod tests {
         let model = pb::ModelProto::decode(&bytes[..]).unwrap();
         assert_eq!(model.ir_version, 8);
         assert_eq!(model.opset_import.len(), 1);
-        assert_eq!((model.opset_import[0].domain.as_str(), model.opset_import[0].version), ("", 17));
+        assert_eq!(
+            (
+                model.opset_import[0].domain.as_str(),
+                model.opset_import[0].version
+            ),
+            ("", 17)
+        );
         assert_eq!(model.producer_name, "pleura");
         let g = model.graph.unwrap();
         assert_eq!(g.input.len(), 1, "initializers are not graph inputs");
@@ -768,8 +885,15 @@ mod tests {
         let init: Vec<_> = g.initializer.iter().map(|t| t.name.clone()).collect();
         let params: Vec<_> = spec.params().into_iter().map(|p| p.name).collect();
         assert_eq!(init, params);
-        assert!(g.initializer.iter().all(|t| t.float_data.is_empty() && !t.raw_data.is_empty()));
-        let bn = g.node.iter().find(|n| n.op_type == "BatchNormalization").unwrap();
+        assert!(g
+            .initializer
+            .iter()
+            .all(|t| t.float_data.is_empty() && !t.raw_data.is_empty()));
+        let bn = g
+            .node
+            .iter()
+            .find(|n| n.op_type == "BatchNormalization")
+            .unwrap();
         assert_eq!(bn.attribute[0].name, "epsilon");
         assert_eq!(bn.attribute[0].f, 1e-5);
         assert_eq!(g.node.last().unwrap().op_type, "Softmax");
@@ -797,13 +921,21 @@ mod tests {
         assert_ne!(a, c);
         let w = init_weights(&spec, 42);
         assert!(w.get("bn1.weight").unwrap().data.iter().all(|v| *v == 1.0));
-        assert!(w.get("bn1.running_mean").unwrap().data.iter().all(|v| *v == 0.0));
+        assert!(w
+            .get("bn1.running_mean")
+            .unwrap()
+            .data
+            .iter()
+            .all(|v| *v == 0.0));
         assert!(w.get("fc.bias").unwrap().data.iter().all(|v| *v == 0.0));
         // Kaiming fan_out: std = sqrt(2 / (out * k * k)).
         let conv = &w.get("layer4.0.conv1.weight").unwrap().data;
         let var = conv.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / conv.len() as f64;
         let expected = 2.0 / (32.0 * 9.0);
-        assert!((var / expected - 1.0).abs() < 0.05, "variance {var} vs {expected}");
+        assert!(
+            (var / expected - 1.0).abs() < 0.05,
+            "variance {var} vs {expected}"
+        );
     }
 
     // ---- A naive reference forward pass, NCHW, single image at a time. ----
@@ -842,12 +974,18 @@ mod tests {
                 }
             }
         }
-        Act { c: o, h: oh, w: ow, v }
+        Act {
+            c: o,
+            h: oh,
+            w: ow,
+            v,
+        }
     }
 
     fn bn(mut x: Act, w: &Weights, path: &str) -> Act {
         let g = |f: &str| &w.get(&format!("{path}.{f}")).unwrap().data;
-        let (gamma, beta, mean, var) = (g("weight"), g("bias"), g("running_mean"), g("running_var"));
+        let (gamma, beta, mean, var) =
+            (g("weight"), g("bias"), g("running_mean"), g("running_var"));
         let hw = x.h * x.w;
         for (i, v) in x.v.iter_mut().enumerate() {
             let c = i / hw;
@@ -879,12 +1017,22 @@ mod tests {
                 }
             }
         }
-        Act { c: x.c, h: oh, w: ow, v }
+        Act {
+            c: x.c,
+            h: oh,
+            w: ow,
+            v,
+        }
     }
 
     fn reference_forward(spec: &ResNetSpec, w: &Weights, image: &[f32]) -> Vec<f32> {
         let s = spec.image_size as usize;
-        let x = Act { c: spec.in_channels as usize, h: s, w: s, v: image.to_vec() };
+        let x = Act {
+            c: spec.in_channels as usize,
+            h: s,
+            w: s,
+            v: image.to_vec(),
+        };
         let x = relu(bn(conv(&x, w.get("conv1.weight").unwrap(), 2, 3), w, "bn1"));
         let mut x = maxpool(&x);
         for b in spec.block_layout() {
@@ -895,7 +1043,12 @@ mod tests {
             let y = conv(&y, w.get(&format!("{p}.conv2.weight")).unwrap(), 1, 1);
             let mut y = bn(y, w, &format!("{p}.bn2"));
             let short = if b.downsample {
-                let s = conv(&x, w.get(&format!("{p}.downsample.0.weight")).unwrap(), st, 0);
+                let s = conv(
+                    &x,
+                    w.get(&format!("{p}.downsample.0.weight")).unwrap(),
+                    st,
+                    0,
+                );
                 bn(s, w, &format!("{p}.downsample.1"))
             } else {
                 x
@@ -904,7 +1057,10 @@ mod tests {
             x = relu(y);
         }
         let hw = (x.h * x.w) as f32;
-        let pooled: Vec<f32> = x.v.chunks(x.h * x.w).map(|c| c.iter().sum::<f32>() / hw).collect();
+        let pooled: Vec<f32> =
+            x.v.chunks(x.h * x.w)
+                .map(|c| c.iter().sum::<f32>() / hw)
+                .collect();
         let fc = w.get("fc.weight").unwrap();
         let bias = &w.get("fc.bias").unwrap().data;
         let logits: Vec<f32> = fc
@@ -940,7 +1096,11 @@ mod tests {
             let data = (0..p.numel())
                 .map(|_| {
                     let u = rng.random::<f32>();
-                    if positive { 0.5 + u } else { u - 0.5 }
+                    if positive {
+                        0.5 + u
+                    } else {
+                        u - 0.5
+                    }
                 })
                 .collect();
             w.insert(p.name, p.shape, data);
@@ -952,13 +1112,21 @@ mod tests {
         let input = random_input(batch * 32 * 32, 11);
         let (shape, got) = run_tract(&bytes, [batch, 1, 32, 32], &input).unwrap();
         assert_probabilities(&shape, &got, batch, 3);
-        let expected: Vec<f32> =
-            input.chunks(32 * 32).flat_map(|img| reference_forward(&spec, &w, img)).collect();
+        let expected: Vec<f32> = input
+            .chunks(32 * 32)
+            .flat_map(|img| reference_forward(&spec, &w, img))
+            .collect();
         for (g, e) in got.iter().zip(&expected) {
-            assert!((g - e).abs() < 1e-4, "tract {got:?} vs reference {expected:?}");
+            assert!(
+                (g - e).abs() < 1e-4,
+                "tract {got:?} vs reference {expected:?}"
+            );
         }
         // Guard against a degenerate comparison (all rows uniform).
-        assert!(expected.iter().any(|p| (p - 1.0 / 3.0).abs() > 1e-3), "{expected:?}");
+        assert!(
+            expected.iter().any(|p| (p - 1.0 / 3.0).abs() > 1e-3),
+            "{expected:?}"
+        );
     }
 
     /// The real seed model: ResNet-18 at 256x256 loads, optimises and runs.

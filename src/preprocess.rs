@@ -490,7 +490,8 @@ fn classify_transfer_syntax(uid: &str) -> Result<(DataSetEncoding, PixelCodec), 
             PixelCodec::Native,
         )),
         uids::EXPLICIT_VR_LITTLE_ENDIAN => Ok((EXPLICIT_LE, PixelCodec::Native)),
-        uids::EXPLICIT_VR_BIG_ENDIAN => Ok((
+        // Retired (so the dictionary constant is deprecated) but still found in archives.
+        "1.2.840.10008.1.2.2" => Ok((
             DataSetEncoding { explicit_vr: true, big_endian: true },
             PixelCodec::Native,
         )),
@@ -502,13 +503,17 @@ fn classify_transfer_syntax(uid: &str) -> Result<(DataSetEncoding, PixelCodec), 
         uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN => {
             Err(unsupported_dicom("deflated transfer syntax"))
         }
-        // The UID is a public registry identifier, not patient data, and names the codec a
-        // site would need; keep it (bounded) in the message.
-        other => Err(ScanError::UnsupportedDicom(format!(
-            "transfer syntax {} has no decoder",
-            other.chars().take(64).collect::<String>()
+        // A well-formed UID (digits and dots) cannot carry patient data and names the codec a
+        // site would need; anything else is not echoed.
+        other if is_uid(other) => Err(ScanError::UnsupportedDicom(format!(
+            "transfer syntax {other} has no decoder"
         ))),
+        _ => Err(unsupported_dicom("unrecognised transfer syntax")),
     }
+}
+
+fn is_uid(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
 fn decode_dicom(bytes: &[u8], limits: &Limits) -> Result<GrayImage, ScanError> {
@@ -521,8 +526,7 @@ fn decode_dicom(bytes: &[u8], limits: &Limits) -> Result<GrayImage, ScanError> {
 
 fn decode_dicom_unguarded(bytes: &[u8], limits: &Limits) -> Result<GrayImage, ScanError> {
     let body = dicom_body(bytes).ok_or(ScanError::UnsupportedFormat)?;
-    let layout = structure::check(body)?;
-    let (_, codec) = classify_transfer_syntax(&layout.transfer_syntax)?;
+    let codec = structure::check(body)?.codec;
 
     // Stop right after the pixel data: trailing elements (padding, digital signatures) are of
     // no use here, and anything not parsed cannot fail or allocate.
@@ -541,9 +545,16 @@ fn decode_dicom_unguarded(bytes: &[u8], limits: &Limits) -> Result<GrayImage, Sc
     check_pixels(u64::from(cols), u64::from(rows), limits)?;
 
     // CR and DX images are monochrome by definition of their IODs; anything else is not a
-    // radiograph this model can read.
+    // radiograph this model can read. Checked before decoding, which is the expensive part.
     if uint(tags::SAMPLES_PER_PIXEL).unwrap_or(1) != 1 {
         return Err(unsupported_dicom("more than one sample per pixel"));
+    }
+    let photometric = obj
+        .get(tags::PHOTOMETRIC_INTERPRETATION)
+        .and_then(|e| e.to_str().ok())
+        .ok_or_else(|| corrupt("missing Photometric Interpretation"))?;
+    if !matches!(photometric.trim_end_matches([' ', '\0']), "MONOCHROME1" | "MONOCHROME2") {
+        return Err(unsupported_dicom("photometric interpretation is not monochrome"));
     }
     let bits_allocated = uint(tags::BITS_ALLOCATED).ok_or_else(|| corrupt("missing Bits Allocated"))?;
     if bits_allocated != 8 && bits_allocated != 16 {
@@ -719,7 +730,7 @@ fn jpeg_frame_header(data: &[u8]) -> Option<JpegFrameHeader> {
 /// exceeds the bytes left in its container. It validates nothing else: other malformations
 /// are left to the parser, which then fails without a large allocation.
 mod structure {
-    use super::{classify_transfer_syntax, corrupt, ScanError};
+    use super::{classify_transfer_syntax, corrupt, PixelCodec, ScanError};
 
     const UNDEFINED_LENGTH: u32 = 0xFFFF_FFFF;
     const ITEM: (u16, u16) = (0xFFFE, 0xE000);
@@ -739,14 +750,15 @@ mod structure {
     /// What the walk learned about the stream.
     #[derive(Debug)]
     pub(super) struct Layout {
-        pub(super) transfer_syntax: String,
+        pub(super) codec: PixelCodec,
     }
 
     fn too_long() -> ScanError {
         corrupt("DICOM element length exceeds the available data")
     }
 
-    /// Checks `body` (the bytes after the `DICM` magic) and returns its transfer syntax.
+    /// Checks `body` (the bytes after the `DICM` magic); fails on unsupported transfer
+    /// syntaxes before walking the data set, whose encoding they determine.
     pub(super) fn check(body: &[u8]) -> Result<Layout, ScanError> {
         // The file meta group is always explicit VR little endian and must open with its
         // group length, which is how the parser finds where the data set starts.
@@ -781,7 +793,7 @@ mod structure {
         let transfer_syntax =
             transfer_syntax.ok_or_else(|| corrupt("missing transfer syntax UID"))?;
 
-        let (encoding, _) = classify_transfer_syntax(&transfer_syntax)?;
+        let (encoding, codec) = classify_transfer_syntax(&transfer_syntax)?;
         let mut walker = Walker {
             buf: body,
             pos: meta_end,
@@ -789,7 +801,7 @@ mod structure {
             big_endian: encoding.big_endian,
         };
         walker.data_set(body.len(), 0, true)?;
-        Ok(Layout { transfer_syntax })
+        Ok(Layout { codec })
     }
 
     struct Walker<'a> {
@@ -953,4 +965,985 @@ mod structure {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+    use image::codecs::jpeg::JpegEncoder;
+    use image::codecs::png::PngEncoder;
+    use image::{ExtendedColorType, ImageEncoder};
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    // ---- helpers -------------------------------------------------------------------------
+
+    /// Real test data: `PLEURA_DATA`, else `../shared/data` beside the workspace.
+    fn data_dir() -> Option<PathBuf> {
+        if let Some(dir) = std::env::var_os("PLEURA_DATA") {
+            return Some(PathBuf::from(dir));
+        }
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"));
+        dir.is_dir().then_some(dir)
+    }
+
+    fn require_data(test: &str) -> Option<PathBuf> {
+        let dir = data_dir();
+        if dir.is_none() {
+            eprintln!("SKIP: {test}: no real test data (set PLEURA_DATA)");
+        }
+        dir
+    }
+
+    fn encode_png(width: u32, height: u32, color: ExtendedColorType, raw: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PngEncoder::new(&mut out).write_image(raw, width, height, color).unwrap();
+        out
+    }
+
+    fn encode_jpeg(width: u32, height: u32, color: ExtendedColorType, raw: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        JpegEncoder::new_with_quality(&mut out, 95)
+            .write_image(raw, width, height, color)
+            .unwrap();
+        out
+    }
+
+    /// A smooth 8-bit gradient with some structure, so resizing has something to do.
+    fn gradient8(width: u32, height: u32) -> Vec<u8> {
+        (0..height)
+            .flat_map(|y| (0..width).map(move |x| ((x * 7 + y * 3) % 200 + 20) as u8))
+            .collect()
+    }
+
+    fn min_max(values: &[f32]) -> (f32, f32) {
+        values
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+    }
+
+    fn mean(values: impl IntoIterator<Item = f32>) -> f32 {
+        let (sum, n) = values.into_iter().fold((0.0f64, 0usize), |(s, n), v| (s + f64::from(v), n + 1));
+        (sum / n as f64) as f32
+    }
+
+    fn code_of<T: std::fmt::Debug>(r: Result<T, ScanError>) -> &'static str {
+        r.expect_err("expected an error").code()
+    }
+
+    // ---- PNG bomb: a valid PNG of zeros written with a hand-rolled deflate stream ----------
+
+    /// Bit sink for DEFLATE: fields are packed LSB first, Huffman codes MSB first.
+    struct BitWriter {
+        out: Vec<u8>,
+        acc: u64,
+        bits: u32,
+    }
+
+    impl BitWriter {
+        fn put(&mut self, value: u32, n: u32) {
+            self.acc |= u64::from(value) << self.bits;
+            self.bits += n;
+            while self.bits >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.bits -= 8;
+            }
+        }
+
+        fn put_code(&mut self, code: u32, n: u32) {
+            self.put(code.reverse_bits() >> (32 - n), n);
+        }
+    }
+
+    fn crc32(parts: &[&[u8]]) -> u32 {
+        let mut c = !0u32;
+        for &b in parts.iter().flat_map(|p| p.iter()) {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+
+    /// zlib stream of `n` zero bytes using fixed Huffman codes: one literal, then
+    /// 258-byte back-references at distance 1 (13 bits each, ~160x compression).
+    fn zlib_zeros(n: usize) -> Vec<u8> {
+        let mut w = BitWriter { out: vec![0x78, 0x01], acc: 0, bits: 0 };
+        w.put(1, 1); // final block
+        w.put(1, 2); // fixed Huffman
+        let mut left = n;
+        if left > 0 {
+            w.put_code(0x30, 8); // literal 0
+            left -= 1;
+        }
+        while left >= 258 {
+            w.put_code(0xC5, 8); // length symbol 285 = 258 bytes
+            w.put_code(0, 5); // distance symbol 0 = 1 byte back
+            left -= 258;
+        }
+        for _ in 0..left {
+            w.put_code(0x30, 8);
+        }
+        w.put_code(0, 7); // end of block
+        if w.bits > 0 {
+            w.out.push(w.acc as u8);
+        }
+        // Adler-32 of zeros: a stays 1, b gains 1 per byte.
+        let adler = (((n % 65521) as u32) << 16) | 1;
+        w.out.extend_from_slice(&adler.to_be_bytes());
+        w.out
+    }
+
+    fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc32(&[kind, data]).to_be_bytes());
+    }
+
+    /// An all-black 8-bit gray PNG of any size, built without allocating its pixels.
+    fn zero_png(width: u32, height: u32) -> Vec<u8> {
+        let mut out = PNG_SIGNATURE.to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit gray, deflate, no filter, no interlace
+        png_chunk(&mut out, b"IHDR", &ihdr);
+        // Each row is a filter-type byte (0) followed by `width` zero samples.
+        let raw_len = height as usize * (width as usize + 1);
+        png_chunk(&mut out, b"IDAT", &zlib_zeros(raw_len));
+        png_chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    // ---- synthetic DICOM --------------------------------------------------------------------
+
+    const LONG_VRS: [&[u8; 2]; 6] = [b"OB", b"OW", b"SQ", b"UN", b"UT", b"OF"];
+
+    fn element(out: &mut Vec<u8>, tag: (u16, u16), vr: &[u8; 2], value: &[u8]) {
+        out.extend_from_slice(&tag.0.to_le_bytes());
+        out.extend_from_slice(&tag.1.to_le_bytes());
+        out.extend_from_slice(vr);
+        if LONG_VRS.contains(&vr) {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        } else {
+            out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        }
+        out.extend_from_slice(value);
+    }
+
+    fn implicit_element(out: &mut Vec<u8>, tag: (u16, u16), value: &[u8]) {
+        out.extend_from_slice(&tag.0.to_le_bytes());
+        out.extend_from_slice(&tag.1.to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value);
+    }
+
+    /// Text value padded to even length, as DICOM requires.
+    fn text(s: &str, pad: u8) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(pad);
+        }
+        v
+    }
+
+    fn us(v: u16) -> Vec<u8> {
+        v.to_le_bytes().to_vec()
+    }
+
+    /// Preamble, magic and a file meta group announcing `ts`.
+    fn dicom_header(ts: &str) -> Vec<u8> {
+        let mut meta = Vec::new();
+        element(&mut meta, (0x0002, 0x0001), b"OB", &[0, 1]);
+        element(&mut meta, (0x0002, 0x0002), b"UI", &text("1.2.840.10008.5.1.4.1.1.1", 0));
+        element(&mut meta, (0x0002, 0x0003), b"UI", &text("1.2.3.4.5", 0));
+        element(&mut meta, (0x0002, 0x0010), b"UI", &text(ts, 0));
+        element(&mut meta, (0x0002, 0x0012), b"UI", &text("1.2.3.4", 0));
+        let mut out = vec![0u8; DICOM_PREAMBLE_LEN];
+        out.extend_from_slice(DICOM_MAGIC);
+        element(&mut out, (0x0002, 0x0000), b"UL", &(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&meta);
+        out
+    }
+
+    /// A synthetic monochrome radiograph in explicit VR little endian.
+    #[derive(Clone)]
+    struct SynthDicom {
+        rows: u16,
+        cols: u16,
+        bits_allocated: u16,
+        bits_stored: u16,
+        photometric: &'static str,
+        window: Option<(f64, f64)>,
+        rescale: Option<(f64, f64)>,
+        patient_name: Option<&'static str>,
+        pixels: Vec<u16>,
+        transfer_syntax: &'static str,
+        include_pixel_data: bool,
+        /// Raw elements inserted between group 0008 and group 0010 (keeps tag order).
+        extra: Vec<u8>,
+    }
+
+    impl SynthDicom {
+        fn new(rows: u16, cols: u16, pixels: Vec<u16>) -> Self {
+            Self {
+                rows,
+                cols,
+                bits_allocated: 16,
+                bits_stored: 12,
+                photometric: "MONOCHROME2",
+                window: None,
+                rescale: None,
+                patient_name: None,
+                pixels,
+                transfer_syntax: uids::EXPLICIT_VR_LITTLE_ENDIAN,
+                include_pixel_data: true,
+                extra: Vec::new(),
+            }
+        }
+
+        fn data_set(&self) -> Vec<u8> {
+            let mut ds = Vec::new();
+            element(&mut ds, (0x0008, 0x0016), b"UI", &text("1.2.840.10008.5.1.4.1.1.1", 0));
+            element(&mut ds, (0x0008, 0x0060), b"CS", &text("CR", b' '));
+            ds.extend_from_slice(&self.extra);
+            if let Some(name) = self.patient_name {
+                element(&mut ds, (0x0010, 0x0010), b"PN", &text(name, b' '));
+            }
+            element(&mut ds, (0x0028, 0x0002), b"US", &us(1));
+            element(&mut ds, (0x0028, 0x0004), b"CS", &text(self.photometric, b' '));
+            element(&mut ds, (0x0028, 0x0010), b"US", &us(self.rows));
+            element(&mut ds, (0x0028, 0x0011), b"US", &us(self.cols));
+            element(&mut ds, (0x0028, 0x0100), b"US", &us(self.bits_allocated));
+            element(&mut ds, (0x0028, 0x0101), b"US", &us(self.bits_stored));
+            element(&mut ds, (0x0028, 0x0102), b"US", &us(self.bits_stored.saturating_sub(1)));
+            element(&mut ds, (0x0028, 0x0103), b"US", &us(0));
+            if let Some((center, width)) = self.window {
+                element(&mut ds, (0x0028, 0x1050), b"DS", &text(&center.to_string(), b' '));
+                element(&mut ds, (0x0028, 0x1051), b"DS", &text(&width.to_string(), b' '));
+            }
+            if let Some((intercept, slope)) = self.rescale {
+                element(&mut ds, (0x0028, 0x1052), b"DS", &text(&intercept.to_string(), b' '));
+                element(&mut ds, (0x0028, 0x1053), b"DS", &text(&slope.to_string(), b' '));
+            }
+            if self.include_pixel_data {
+                let bytes: Vec<u8> = if self.bits_allocated == 8 {
+                    let mut b: Vec<u8> = self.pixels.iter().map(|&p| p as u8).collect();
+                    if b.len() % 2 == 1 {
+                        b.push(0);
+                    }
+                    b
+                } else {
+                    self.pixels.iter().flat_map(|p| p.to_le_bytes()).collect()
+                };
+                let vr = if self.bits_allocated == 8 { b"OB" } else { b"OW" };
+                element(&mut ds, (0x7FE0, 0x0010), vr, &bytes);
+            }
+            ds
+        }
+
+        fn build(&self) -> Vec<u8> {
+            let mut out = dicom_header(self.transfer_syntax);
+            out.extend_from_slice(&self.data_set());
+            out
+        }
+    }
+
+    fn ramp(n: usize, step: u16) -> Vec<u16> {
+        (0..n).map(|i| i as u16 * step).collect()
+    }
+
+    // ---- format detection -----------------------------------------------------------------
+
+    #[test]
+    fn detects_formats_from_magic_bytes() {
+        let png = encode_png(4, 4, ExtendedColorType::L8, &[7; 16]);
+        let jpeg = encode_jpeg(8, 8, ExtendedColorType::L8, &[7; 64]);
+        let dicom = SynthDicom::new(2, 2, vec![1, 2, 3, 4]).build();
+        assert_eq!(detect_format(&png), Some(ImageFormat::Png));
+        assert_eq!(detect_format(&jpeg), Some(ImageFormat::Jpeg));
+        assert_eq!(detect_format(&dicom), Some(ImageFormat::Dicom));
+        // Preamble stripped, and preamble plus magic stripped.
+        assert_eq!(detect_format(&dicom[DICOM_PREAMBLE_LEN..]), Some(ImageFormat::Dicom));
+        assert_eq!(detect_format(&dicom[DICOM_PREAMBLE_LEN + 4..]), Some(ImageFormat::Dicom));
+        assert_eq!(detect_format(b"hello world"), None);
+        assert_eq!(detect_format(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n"), None);
+        assert_eq!(detect_format(b""), None);
+        // A bare "DICM" 128 bytes in needs the preamble to be there.
+        assert_eq!(detect_format(&[0u8; 131]), None);
+    }
+
+    #[test]
+    fn format_comes_from_bytes_not_file_name() {
+        // PNG bytes saved under a DICOM name still load as PNG; the API never sees names.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scan.dcm");
+        std::fs::write(&path, encode_png(16, 16, ExtendedColorType::L8, &gradient8(16, 16))).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(detect_format(&bytes), Some(ImageFormat::Png));
+        assert_eq!(load_scan(&bytes, &Limits::default(), 8).unwrap().len(), 64);
+    }
+
+    #[test]
+    fn dicom_without_preamble_decodes() {
+        let file = SynthDicom::new(2, 3, vec![10, 20, 30, 40, 50, 60]).build();
+        let expected = decode(&file, &Limits::default()).unwrap();
+        for variant in [&file[DICOM_PREAMBLE_LEN..], &file[DICOM_PREAMBLE_LEN + 4..]] {
+            assert_eq!(decode(variant, &Limits::default()).unwrap(), expected);
+        }
+    }
+
+    // ---- error mapping ----------------------------------------------------------------------
+
+    #[test]
+    fn error_codes_are_stable() {
+        let cases = [
+            (ScanError::Empty, "empty_body"),
+            (ScanError::UnsupportedFormat, "unsupported_format"),
+            (ScanError::CorruptImage("x".into()), "corrupt_image"),
+            (
+                ScanError::TooLarge { limit: LimitKind::Bytes, actual: Some(2), max: 1 },
+                "too_large",
+            ),
+            (ScanError::BlankImage, "blank_image"),
+            (ScanError::UnsupportedDicom("x".into()), "unsupported_dicom"),
+            (ScanError::InvalidSize(0), "invalid_size"),
+        ];
+        for (err, code) in cases {
+            assert_eq!(err.code(), code, "{err}");
+        }
+    }
+
+    #[test]
+    fn empty_input_is_empty_body() {
+        assert_eq!(code_of(load_scan(&[], &Limits::default(), 8)), "empty_body");
+    }
+
+    #[test]
+    fn non_images_are_unsupported_format() {
+        for bytes in [&b"hello world"[..], b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", b"GIF89a\x01\x00"] {
+            assert_eq!(code_of(load_scan(bytes, &Limits::default(), 8)), "unsupported_format");
+        }
+    }
+
+    #[test]
+    fn truncated_png_is_corrupt() {
+        let png = encode_png(64, 64, ExtendedColorType::L8, &gradient8(64, 64));
+        for cut in [9, 20, 40, png.len() / 2, png.len() - 13] {
+            let err = decode(&png[..cut], &Limits::default()).unwrap_err();
+            assert_eq!(err.code(), "corrupt_image", "cut at {cut}: {err}");
+        }
+    }
+
+    #[test]
+    fn garbage_after_png_signature_is_corrupt() {
+        let mut bytes = PNG_SIGNATURE.to_vec();
+        let mut x = 0x1234_5678u32;
+        bytes.extend((0..4096).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        }));
+        assert_eq!(code_of(decode(&bytes, &Limits::default())), "corrupt_image");
+    }
+
+    #[test]
+    fn truncated_jpeg_header_is_corrupt() {
+        let jpeg = encode_jpeg(32, 32, ExtendedColorType::L8, &gradient8(32, 32));
+        assert_eq!(code_of(decode(&jpeg[..40], &Limits::default())), "corrupt_image");
+    }
+
+    #[test]
+    fn png_bomb_is_too_large_before_decoding() {
+        let bomb = zero_png(10_000, 10_000);
+        assert!(bomb.len() < 1024 * 1024, "bomb is {} bytes", bomb.len());
+        let started = Instant::now();
+        let err = decode(&bomb, &Limits::default()).unwrap_err();
+        eprintln!("100 MP bomb ({} bytes) rejected in {:?}", bomb.len(), started.elapsed());
+        // Decoding it would have produced `blank_image` (all zeros), so `too_large` proves the
+        // header check ran first.
+        assert_eq!(
+            err,
+            ScanError::TooLarge {
+                limit: LimitKind::Pixels,
+                actual: Some(100_000_000),
+                max: DEFAULT_MAX_PIXELS
+            }
+        );
+    }
+
+    #[test]
+    fn bomb_generator_makes_valid_pngs() {
+        // Guards the test above: the same generator at a small size decodes completely.
+        let img = decode(&zero_png(300, 200), &Limits::default()).unwrap();
+        assert_eq!((img.width, img.height), (300, 200));
+        assert!(img.data.iter().all(|&v| v == 0.0));
+        assert_eq!(code_of(preprocess(&img, 16)), "blank_image");
+    }
+
+    #[test]
+    fn max_bytes_is_checked_first() {
+        let png = encode_png(64, 64, ExtendedColorType::L8, &gradient8(64, 64));
+        let limits = Limits { max_bytes: png.len() - 1, ..Limits::default() };
+        assert_eq!(
+            decode(&png, &limits).unwrap_err(),
+            ScanError::TooLarge {
+                limit: LimitKind::Bytes,
+                actual: Some(png.len() as u64),
+                max: png.len() as u64 - 1
+            }
+        );
+        // Bytes are checked before the format: even garbage over the limit is too large.
+        let limits = Limits { max_bytes: 4, ..Limits::default() };
+        assert_eq!(code_of(decode(b"hello world", &limits)), "too_large");
+        let limits = Limits { max_bytes: png.len(), ..Limits::default() };
+        assert!(decode(&png, &limits).is_ok());
+    }
+
+    #[test]
+    fn max_pixels_is_exact() {
+        let png = encode_png(10, 10, ExtendedColorType::L8, &gradient8(10, 10));
+        let at_limit = Limits { max_pixels: 100, ..Limits::default() };
+        assert!(decode(&png, &at_limit).is_ok());
+        let below = Limits { max_pixels: 99, ..Limits::default() };
+        assert_eq!(code_of(decode(&png, &below)), "too_large");
+    }
+
+    #[test]
+    fn limits_deserialize_with_defaults() {
+        let limits: Limits = serde_json::from_str(r#"{"max_bytes": 1000}"#).unwrap();
+        assert_eq!(limits, Limits { max_bytes: 1000, max_pixels: DEFAULT_MAX_PIXELS });
+        assert_eq!(Limits::default().max_bytes, DEFAULT_MAX_BYTES);
+    }
+
+    // ---- raster decoding ---------------------------------------------------------------------
+
+    #[test]
+    fn gray16_png_keeps_native_scale() {
+        let (w, h) = (16u32, 8u32);
+        let samples: Vec<u16> = (0..w * h).map(|i| if i % 3 == 0 { 1000 } else { 50_000 }).collect();
+        let raw: Vec<u8> = samples.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let png = encode_png(w, h, ExtendedColorType::L16, &raw);
+        let img = decode(&png, &Limits::default()).unwrap();
+        let expected: Vec<f32> = samples.iter().map(|&v| f32::from(v)).collect();
+        assert_eq!(img.data, expected, "16-bit samples must not be squashed to 8 bits");
+        let out = preprocess(&img, w).unwrap();
+        assert_eq!(min_max(&out), (0.0, 1.0));
+    }
+
+    #[test]
+    fn gray_alpha_png_ignores_alpha() {
+        let (w, h) = (20u32, 10u32);
+        let gray = gradient8(w, h);
+        let with_alpha: Vec<u8> = gray.iter().enumerate().flat_map(|(i, &g)| [g, (i * 37 % 256) as u8]).collect();
+        let plain = decode(&encode_png(w, h, ExtendedColorType::L8, &gray), &Limits::default()).unwrap();
+        let alpha = decode(&encode_png(w, h, ExtendedColorType::La8, &with_alpha), &Limits::default()).unwrap();
+        assert_eq!(alpha, plain);
+    }
+
+    #[test]
+    fn colour_pngs_use_luminance_and_ignore_alpha() {
+        let (w, h) = (12u32, 6u32);
+        let gray = gradient8(w, h);
+        let plain = decode(&encode_png(w, h, ExtendedColorType::L8, &gray), &Limits::default()).unwrap();
+        let rgb: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g]).collect();
+        let rgba: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g, 255]).collect();
+        let rgba16: Vec<u8> = gray
+            .iter()
+            .flat_map(|&g| [u16::from(g) * 257, u16::from(g) * 257, u16::from(g) * 257, 7])
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        for (color, raw, scale) in [
+            (ExtendedColorType::Rgb8, &rgb, 1.0f32),
+            (ExtendedColorType::Rgba8, &rgba, 1.0),
+            (ExtendedColorType::Rgba16, &rgba16, 257.0),
+        ] {
+            let img = decode(&encode_png(w, h, color, raw), &Limits::default()).unwrap();
+            for (a, b) in img.data.iter().zip(&plain.data) {
+                assert!((a / scale - b).abs() < 1e-3, "{color:?}: {a} vs {b}");
+            }
+        }
+        // Weighted, not averaged: pure green is much brighter than pure blue.
+        let green = decode(&encode_png(1, 1, ExtendedColorType::Rgb8, &[0, 255, 0]), &Limits::default()).unwrap();
+        let blue = decode(&encode_png(1, 1, ExtendedColorType::Rgb8, &[0, 0, 255]), &Limits::default()).unwrap();
+        assert!((green.data[0] - 0.7152 * 255.0).abs() < 1e-3);
+        assert!((blue.data[0] - 0.0722 * 255.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn jpeg_gray_and_colour_decode() {
+        let (w, h) = (64u32, 48u32);
+        let gray = gradient8(w, h);
+        let rgb: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g]).collect();
+        for (color, raw) in [(ExtendedColorType::L8, gray.clone()), (ExtendedColorType::Rgb8, rgb)] {
+            let img = decode(&encode_jpeg(w, h, color, &raw), &Limits::default()).unwrap();
+            assert_eq!((img.width, img.height), (w, h));
+            let expected = mean(gray.iter().map(|&g| f32::from(g)));
+            assert!((mean(img.data.iter().copied()) - expected).abs() < 2.0, "{color:?}");
+            let out = preprocess(&img, 32).unwrap();
+            assert_eq!(min_max(&out), (0.0, 1.0));
+        }
+    }
+
+    // ---- preprocess ---------------------------------------------------------------------------
+
+    #[test]
+    fn normalises_min_max_and_never_divides_by_255() {
+        // Values 100..=150 only: /255 would give 0.39..0.59; min-max must span exactly [0, 1].
+        let n = 51u32;
+        let raw: Vec<u8> = (0..n).flat_map(|_| (0..n).map(|x| 100 + x as u8)).collect();
+        let png = encode_png(n, n, ExtendedColorType::L8, &raw);
+        // Same size: the resize is a copy, so every value is checkable exactly.
+        let out = load_scan(&png, &Limits::default(), n).unwrap();
+        assert_eq!(min_max(&out), (0.0, 1.0));
+        assert_eq!(out[25], 0.5);
+        assert!((out[10] - 0.2).abs() < 1e-6);
+        // Resized, the output still spans exactly [0, 1].
+        let out = load_scan(&png, &Limits::default(), 16).unwrap();
+        assert_eq!(min_max(&out), (0.0, 1.0));
+    }
+
+    #[test]
+    fn output_has_requested_size_for_non_square_input() {
+        let img = GrayImage { width: 40, height: 25, data: (0..1000).map(|i| i as f32).collect() };
+        for size in [1u32, 7, 25, 64] {
+            // A 1x1 output is necessarily flat.
+            match preprocess(&img, size) {
+                Ok(out) => assert_eq!(out.len(), (size * size) as usize),
+                Err(e) => assert!(size == 1 && e == ScanError::BlankImage, "{size}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn flat_and_non_finite_images_are_blank() {
+        let flat = GrayImage { width: 64, height: 64, data: vec![200.0; 64 * 64] };
+        assert_eq!(preprocess(&flat, 16).unwrap_err(), ScanError::BlankImage);
+        let flat_png = encode_png(32, 32, ExtendedColorType::L8, &[77; 32 * 32]);
+        assert_eq!(code_of(load_scan(&flat_png, &Limits::default(), 16)), "blank_image");
+        // Contrast far below f32 precision at this magnitude is still flat.
+        let mut almost = vec![1.0e6f32; 16];
+        almost[3] = 1.0e6 + 0.0625;
+        let almost = GrayImage { width: 4, height: 4, data: almost };
+        assert_eq!(preprocess(&almost, 4).unwrap_err(), ScanError::BlankImage);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut data: Vec<f32> = (0..256).map(|i| i as f32).collect();
+            data[100] = bad;
+            let img = GrayImage { width: 16, height: 16, data };
+            assert_eq!(preprocess(&img, 8).unwrap_err(), ScanError::BlankImage, "{bad}");
+        }
+    }
+
+    #[test]
+    fn zero_sized_or_inconsistent_images_are_corrupt() {
+        let empty = GrayImage { width: 0, height: 10, data: vec![] };
+        assert_eq!(code_of(preprocess(&empty, 8)), "corrupt_image");
+        let short = GrayImage { width: 4, height: 4, data: vec![1.0; 15] };
+        assert_eq!(code_of(preprocess(&short, 8)), "corrupt_image");
+        let ok = GrayImage { width: 4, height: 4, data: (0..16).map(|i| i as f32).collect() };
+        assert_eq!(code_of(preprocess(&ok, 0)), "invalid_size");
+        // A PNG header announcing zero columns never reaches preprocess.
+        assert_eq!(code_of(decode(&zero_png(0, 10), &Limits::default())), "corrupt_image");
+    }
+
+    #[test]
+    fn resize_low_pass_filters_instead_of_point_sampling() {
+        // A one-pixel checkerboard has mean 0.5 everywhere at coarse scale. Point sampling
+        // (nearest) returns only 0s and 1s; a convolution averages to 0.5.
+        let n = 64u32;
+        let data = (0..n * n).map(|i| ((i % n + i / n) % 2) as f32).collect();
+        let img = GrayImage { width: n, height: n, data };
+        let out = resize_f32(&img, 16).unwrap();
+        for v in out {
+            assert!((v - 0.5).abs() < 0.05, "{v}");
+        }
+        // A step edge survives downsampling in the right place.
+        let data = (0..n * n).map(|i| if i % n < n / 2 { 0.0 } else { 100.0 }).collect();
+        let out = resize_f32(&GrayImage { width: n, height: n, data }, 8).unwrap();
+        assert!(out[0] < 1.0 && out[7] > 99.0, "{out:?}");
+    }
+
+    // ---- DICOM (synthetic) ------------------------------------------------------------------
+
+    #[test]
+    fn dicom_native_applies_rescale() {
+        let mut dcm = SynthDicom::new(2, 3, vec![0, 10, 20, 30, 40, 50]);
+        let img = decode(&dcm.build(), &Limits::default()).unwrap();
+        assert_eq!((img.width, img.height), (3, 2));
+        assert_eq!(img.data, vec![0.0, 10.0, 20.0, 30.0, 40.0, 50.0]);
+        dcm.rescale = Some((-100.0, 2.0));
+        let img = decode(&dcm.build(), &Limits::default()).unwrap();
+        assert_eq!(img.data, vec![-100.0, -80.0, -60.0, -40.0, -20.0, 0.0]);
+    }
+
+    #[test]
+    fn dicom_8bit_native_decodes() {
+        let mut dcm = SynthDicom::new(3, 3, (0..9).map(|v| v * 25).collect());
+        dcm.bits_allocated = 8;
+        dcm.bits_stored = 8;
+        let img = decode(&dcm.build(), &Limits::default()).unwrap();
+        assert_eq!(img.data, (0..9).map(|v| (v * 25) as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn dicom_window_is_applied_after_rescale() {
+        let mut dcm = SynthDicom::new(1, 5, vec![0, 100, 200, 300, 400]);
+        dcm.rescale = Some((0.0, 0.5)); // modality values 0, 50, 100, 150, 200
+        dcm.window = Some((100.0, 101.0)); // linear window spanning 50..150
+        let img = decode(&dcm.build(), &Limits::default()).unwrap();
+        assert_eq!(img.data[0], 0.0);
+        assert_eq!(img.data[4], 1.0);
+        assert!((img.data[2] - 0.5).abs() < 0.01, "{:?}", img.data);
+        assert!(img.data[1] <= 0.01 && img.data[3] >= 0.99, "{:?}", img.data);
+    }
+
+    #[test]
+    fn dicom_monochrome1_is_inverted_to_monochrome2_polarity() {
+        let pixels = vec![0, 100, 400, 1000, 4000, 4095];
+        let mono2 = SynthDicom::new(2, 3, pixels.clone());
+        let mut mono1 = mono2.clone();
+        mono1.photometric = "MONOCHROME1";
+        let a = decode(&mono2.build(), &Limits::default()).unwrap();
+        let b = decode(&mono1.build(), &Limits::default()).unwrap();
+        for (x, y) in a.data.iter().zip(&b.data) {
+            assert_eq!(x + y, 4095.0, "MONOCHROME1 must mirror within the value range");
+        }
+        let pa = preprocess(&a, 3).unwrap();
+        let pb = preprocess(&b, 3).unwrap();
+        for (x, y) in pa.iter().zip(&pb) {
+            assert!((x + y - 1.0).abs() < 1e-6);
+        }
+        // With a window, inversion happens after the window (display polarity).
+        let mut windowed = mono1.clone();
+        windowed.window = Some((2048.0, 4096.0));
+        let w = decode(&windowed.build(), &Limits::default()).unwrap();
+        assert!(w.data[0] > w.data[5], "air (low raw value) must end up bright in MONOCHROME1 input");
+    }
+
+    #[test]
+    fn dicom_implicit_vr_decodes() {
+        let mut out = dicom_header(uids::IMPLICIT_VR_LITTLE_ENDIAN);
+        implicit_element(&mut out, (0x0008, 0x0060), b"DX");
+        implicit_element(&mut out, (0x0028, 0x0002), &us(1));
+        implicit_element(&mut out, (0x0028, 0x0004), b"MONOCHROME2 ");
+        implicit_element(&mut out, (0x0028, 0x0010), &us(2));
+        implicit_element(&mut out, (0x0028, 0x0011), &us(2));
+        implicit_element(&mut out, (0x0028, 0x0100), &us(8));
+        implicit_element(&mut out, (0x0028, 0x0101), &us(8));
+        implicit_element(&mut out, (0x0028, 0x0102), &us(7));
+        implicit_element(&mut out, (0x0028, 0x0103), &us(0));
+        implicit_element(&mut out, (0x7FE0, 0x0010), &[5, 6, 7, 8]);
+        let img = decode(&out, &Limits::default()).unwrap();
+        assert_eq!(img.data, vec![5.0, 6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn dicom_without_pixel_data_is_unsupported() {
+        let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+        dcm.include_pixel_data = false;
+        assert_eq!(code_of(decode(&dcm.build(), &Limits::default())), "unsupported_dicom");
+    }
+
+    #[test]
+    fn dicom_unsupported_transfer_syntaxes() {
+        for ts in [
+            "1.2.840.10008.1.2.4.90",            // JPEG 2000 lossless
+            "1.2.840.10008.1.2.4.80",            // JPEG-LS
+            uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, // deflate: refused on purpose
+        ] {
+            let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+            dcm.transfer_syntax = ts;
+            let err = decode(&dcm.build(), &Limits::default()).unwrap_err();
+            assert_eq!(err.code(), "unsupported_dicom", "{ts}: {err}");
+        }
+        // Junk in the UID field is reported without being echoed.
+        let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+        dcm.transfer_syntax = "DOE^SECRET";
+        let err = decode(&dcm.build(), &Limits::default()).unwrap_err();
+        assert_eq!(err.code(), "unsupported_dicom");
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn dicom_unsupported_photometric_and_depth() {
+        let mut rgb = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+        rgb.photometric = "PALETTE COLOR";
+        assert_eq!(code_of(decode(&rgb.build(), &Limits::default())), "unsupported_dicom");
+        let mut deep = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+        deep.bits_allocated = 32;
+        deep.bits_stored = 32;
+        assert_eq!(code_of(decode(&deep.build(), &Limits::default())), "unsupported_dicom");
+        // Bits Stored 0 would trip an assertion deep in the LUT code; it must be an error.
+        let mut zero = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+        zero.bits_stored = 0;
+        assert_eq!(code_of(decode(&zero.build(), &Limits::default())), "corrupt_image");
+    }
+
+    #[test]
+    fn dicom_pixel_limit_is_checked_before_decoding() {
+        // The header claims 10000x10000; the pixel data is tiny. Decoding would fail as
+        // corrupt, so `too_large` proves the check came first.
+        let dcm = SynthDicom::new(10_000, 10_000, vec![1, 2, 3, 4]);
+        assert_eq!(
+            decode(&dcm.build(), &Limits::default()).unwrap_err(),
+            ScanError::TooLarge {
+                limit: LimitKind::Pixels,
+                actual: Some(100_000_000),
+                max: DEFAULT_MAX_PIXELS
+            }
+        );
+        let mut short = SynthDicom::new(100, 100, vec![1, 2, 3, 4]);
+        short.bits_stored = 12;
+        assert_eq!(code_of(decode(&short.build(), &Limits::default())), "corrupt_image");
+    }
+
+    #[test]
+    fn dicom_lying_lengths_are_rejected_before_parsing() {
+        // An OB element claiming ~4 GiB in a tiny file: the parser would zero-fill 4 GiB.
+        let mut file = dicom_header(uids::EXPLICIT_VR_LITTLE_ENDIAN);
+        file.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF]);
+        file.extend_from_slice(&[0; 64]);
+        assert_eq!(code_of(decode(&file, &Limits::default())), "corrupt_image");
+
+        // The same lie nested inside an item of a defined-length sequence.
+        let mut inner = Vec::new();
+        inner.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0x7F]);
+        inner.extend_from_slice(&[0; 16]);
+        let mut item = Vec::new();
+        item.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+        item.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+        item.extend_from_slice(&inner);
+        let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+        assert!(decode(&dcm.build(), &Limits::default()).is_ok());
+        element(&mut dcm.extra, (0x0009, 0x1001), b"SQ", &item);
+        assert_eq!(code_of(decode(&dcm.build(), &Limits::default())), "corrupt_image");
+
+        // A lying file meta group length.
+        let mut file = SynthDicom::new(2, 2, vec![1, 2, 3, 4]).build();
+        file[DICOM_PREAMBLE_LEN + 4 + 8..DICOM_PREAMBLE_LEN + 4 + 12].copy_from_slice(&0x7FFF_FFF0u32.to_le_bytes());
+        assert_eq!(code_of(decode(&file, &Limits::default())), "corrupt_image");
+    }
+
+    #[test]
+    fn dicom_sequences_are_walked_not_rejected() {
+        // A well-formed defined-length sequence and an undefined-length one ahead of the image.
+        let mut inner = Vec::new();
+        element(&mut inner, (0x0008, 0x1150), b"UI", &text("1.2.3", 0));
+        let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+        item.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+        item.extend_from_slice(&inner);
+        let mut dcm = SynthDicom::new(1, 2, vec![3, 9]);
+        let extra = &mut dcm.extra;
+        element(extra, (0x0009, 0x1001), b"SQ", &item);
+        extra.extend_from_slice(&[0x09, 0x00, 0x02, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        extra.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        extra.extend_from_slice(&inner);
+        extra.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        extra.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        assert_eq!(decode(&dcm.build(), &Limits::default()).unwrap().data, vec![3.0, 9.0]);
+    }
+
+    #[test]
+    fn dicom_errors_never_carry_file_content() {
+        let mut dcm = SynthDicom::new(4, 4, ramp(16, 100));
+        dcm.patient_name = Some("DOE^SECRETNAME");
+        let file = dcm.build();
+        assert!(decode(&file, &Limits::default()).is_ok());
+        // Every truncation point and a sweep of single-byte corruptions: whatever breaks,
+        // no error may echo the file, and nothing may panic out of `decode`.
+        let mut variants: Vec<Vec<u8>> = (0..file.len()).map(|cut| file[..cut].to_vec()).collect();
+        for at in (DICOM_PREAMBLE_LEN..file.len()).step_by(3) {
+            let mut v = file.clone();
+            v[at] ^= 0xA5;
+            variants.push(v);
+        }
+        for bytes in &variants {
+            if let Err(e) = decode(bytes, &Limits::default()) {
+                let text = format!("{e} {e:?}");
+                assert!(!text.contains("SECRET") && !text.contains("DOE"), "leaked: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn jpeg_frame_header_is_found() {
+        let jpeg = encode_jpeg(40, 24, ExtendedColorType::L8, &gradient8(40, 24));
+        assert_eq!(
+            jpeg_frame_header(&jpeg),
+            Some(JpegFrameHeader { width: 40, height: 24, components: 1 })
+        );
+        assert_eq!(jpeg_frame_header(&jpeg[..20]), None);
+        assert_eq!(jpeg_frame_header(b"\xFF\xD8\xFF\xD9"), None);
+        assert_eq!(jpeg_frame_header(b"not a jpeg"), None);
+    }
+
+    // ---- real data ------------------------------------------------------------------------------
+
+    fn cxr_pngs(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for class in ["effusion", "nofinding"] {
+            for entry in std::fs::read_dir(dir.join("cxr").join(class)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "png") {
+                    files.push(path);
+                }
+            }
+        }
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn real_cxr_pngs_preprocess_to_unit_range() {
+        let Some(dir) = require_data("real_cxr_pngs_preprocess_to_unit_range") else { return };
+        let files = cxr_pngs(&dir);
+        assert_eq!(files.len(), 110, "expected 50 effusion + 60 no-finding PNGs");
+        let started = Instant::now();
+        for path in &files {
+            let bytes = std::fs::read(path).unwrap();
+            let out = load_scan(&bytes, &Limits::default(), 256)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(out.len(), 256 * 256);
+            assert_eq!(min_max(&out), (0.0, 1.0), "{}", path.display());
+        }
+        eprintln!(
+            "decode+preprocess of {} 1024x1024 PNGs: {:?} per image (test profile)",
+            files.len(),
+            started.elapsed() / files.len() as u32
+        );
+    }
+
+    #[test]
+    fn real_rgba_pngs_match_their_gray_content() {
+        let Some(dir) = require_data("real_rgba_pngs_match_their_gray_content") else { return };
+        for name in ["effusion/00000100_000.png", "nofinding/00004934_000.png"] {
+            let bytes = std::fs::read(dir.join("cxr").join(name)).unwrap();
+            let decoder = PngDecoder::new(Cursor::new(&bytes[..])).unwrap();
+            assert_eq!(decoder.color_type(), image::ColorType::Rgba8, "{name} is the RGBA sample");
+            let rgba = DynamicImage::from_decoder(decoder).unwrap().into_rgba8();
+            let img = decode(&bytes, &Limits::default()).unwrap();
+            assert_eq!((img.width, img.height), (1024, 1024));
+            // Channels are equal, so luminance must reproduce the red channel.
+            for (v, p) in img.data.iter().zip(rgba.pixels()).step_by(997) {
+                assert!((v - f32::from(p.0[0])).abs() < 1e-3, "{name}");
+            }
+            let out = preprocess(&img, 256).unwrap();
+            assert_eq!(min_max(&out), (0.0, 1.0));
+        }
+    }
+
+    /// Mean of the lung fields minus mean of the mediastinum strip on a preprocessed image:
+    /// central rows, outer thirds (minus a margin for collimation) vs the central tenth.
+    /// Negative in display polarity (lungs dark, spine and heart bright).
+    fn lung_minus_mediastinum(img: &[f32], size: usize) -> f32 {
+        let rows = size * 3 / 10..size * 6 / 10;
+        let at = |r: usize, c: usize| img[r * size + c];
+        let lungs = rows.clone().flat_map(|r| {
+            (size / 8..size / 3).chain(size * 2 / 3..size * 7 / 8).map(move |c| at(r, c))
+        });
+        let mediastinum = rows.flat_map(|r| (size * 9 / 20..size * 11 / 20).map(move |c| at(r, c)));
+        mean(lungs) - mean(mediastinum)
+    }
+
+    fn load_real_dicom(dir: &std::path::Path, name: &str) -> GrayImage {
+        let bytes = std::fs::read(dir.join("dicom").join(name)).unwrap();
+        assert_eq!(detect_format(&bytes), Some(ImageFormat::Dicom), "{name}");
+        decode(&bytes, &Limits::default()).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    #[test]
+    fn real_dicoms_decode() {
+        let Some(dir) = require_data("real_dicoms_decode") else { return };
+        for (name, width, height) in [
+            ("cr-chest-mono1-10bit.dcm", 440, 440),
+            ("dx-chest-mono2-8bit-nofinding.dcm", 1024, 1024),
+            ("cr-chest-mono2-8bit-jpegbaseline.dcm", 1024, 1024),
+            ("cr-hip-mono2-10bit-jpeglossless.dcm", 1760, 2140),
+        ] {
+            let started = Instant::now();
+            let img = load_real_dicom(&dir, name);
+            assert_eq!((img.width, img.height), (width, height), "{name}");
+            let out = preprocess(&img, 256).unwrap();
+            assert_eq!(min_max(&out), (0.0, 1.0), "{name}");
+            eprintln!("{name}: decode+preprocess {:?} (test profile)", started.elapsed());
+        }
+    }
+
+    #[test]
+    fn real_monochrome1_has_monochrome2_polarity() {
+        let Some(dir) = require_data("real_monochrome1_has_monochrome2_polarity") else { return };
+        for name in [
+            "cr-chest-mono1-10bit.dcm",
+            "dx-chest-mono2-8bit-nofinding.dcm",
+            "cr-chest-mono2-8bit-jpegbaseline.dcm",
+        ] {
+            let out = preprocess(&load_real_dicom(&dir, name), 256).unwrap();
+            let contrast = lung_minus_mediastinum(&out, 256);
+            eprintln!("{name}: lung - mediastinum = {contrast:.3}");
+            assert!(contrast < -0.05, "{name}: lungs must be darker than the mediastinum ({contrast})");
+        }
+    }
+
+    #[test]
+    fn real_dicom_truncations_fail_cleanly() {
+        let Some(dir) = require_data("real_dicom_truncations_fail_cleanly") else { return };
+        for name in ["cr-chest-mono1-10bit.dcm", "cr-chest-mono2-8bit-jpegbaseline.dcm"] {
+            let bytes = std::fs::read(dir.join("dicom").join(name)).unwrap();
+            for cut in [133, 200, 400, 800, 1500, bytes.len() / 3, bytes.len() - 100, bytes.len() - 1] {
+                if let Err(e) = decode(&bytes[..cut], &Limits::default()) {
+                    assert!(matches!(e.code(), "corrupt_image" | "unsupported_dicom"), "{name}@{cut}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Median timings of the serving path on a real 1024² PNG. Meaningful only in an
+    /// optimised build: `CARGO_PROFILE_TEST_OPT_LEVEL=3 cargo test ... -- --ignored`.
+    #[test]
+    #[ignore = "timing report, run in an optimised build"]
+    fn timing_real_png() {
+        let Some(dir) = require_data("timing_real_png") else { return };
+        let bytes = std::fs::read(cxr_pngs(&dir)[0].clone()).unwrap();
+        let median = |f: &mut dyn FnMut()| {
+            let mut times: Vec<_> = (0..25)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed()
+                })
+                .collect();
+            times.sort();
+            times[times.len() / 2]
+        };
+        let img = decode(&bytes, &Limits::default()).unwrap();
+        let d = median(&mut || drop(decode(&bytes, &Limits::default()).unwrap()));
+        let p = median(&mut || drop(preprocess(&img, 256).unwrap()));
+        let l = median(&mut || drop(load_scan(&bytes, &Limits::default(), 256).unwrap()));
+        eprintln!("1024² PNG: decode {d:?}, preprocess to 256² {p:?}, load_scan {l:?}");
+        let dcm = std::fs::read(dir.join("dicom/dx-chest-mono2-8bit-nofinding.dcm")).unwrap();
+        let t = median(&mut || drop(load_scan(&dcm, &Limits::default(), 256).unwrap()));
+        eprintln!("1024² DICOM (implicit LE): load_scan {t:?}");
+        let jpg = std::fs::read(dir.join("dicom/cr-chest-mono2-8bit-jpegbaseline.dcm")).unwrap();
+        let t = median(&mut || drop(load_scan(&jpg, &Limits::default(), 256).unwrap()));
+        eprintln!("1024² DICOM (JPEG baseline): load_scan {t:?}");
+    }
+
+    /// Writes preprocessed real scans to /tmp for eyeballing; `cargo test -- --ignored`.
+    #[test]
+    #[ignore = "writes images to /tmp for manual inspection"]
+    fn dump_preprocessed_for_inspection() {
+        let Some(dir) = require_data("dump_preprocessed_for_inspection") else { return };
+        for entry in std::fs::read_dir(dir.join("dicom")).unwrap() {
+            let path = entry.unwrap().path();
+            let out = load_scan(&std::fs::read(&path).unwrap(), &Limits::default(), 256).unwrap();
+            let bytes: Vec<u8> = out.iter().map(|v| (v * 255.0).round() as u8).collect();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            image::GrayImage::from_raw(256, 256, bytes)
+                .unwrap()
+                .save(format!("/tmp/pleura-{name}.png"))
+                .unwrap();
+        }
+    }
+}

@@ -69,7 +69,11 @@ fn default_model_passes_onnx_checker() {
             .unwrap_or_else(|| panic!("checker printed no {key}:\n{stdout}\n{stderr}"))
             .to_string()
     };
-    assert_eq!(field("inputs"), INPUT_NAME, "initializers must not be graph inputs");
+    assert_eq!(
+        field("inputs"),
+        INPUT_NAME,
+        "initializers must not be graph inputs"
+    );
     assert_eq!(field("outputs"), OUTPUT_NAME);
     assert_eq!(field("opset"), format!(":{OPSET_VERSION}"));
     assert_eq!(OPSET_VERSION, 17);
