@@ -347,11 +347,19 @@ pub async fn wait_for_results(
         // MGET in chunks keeps each round trip small for big submissions.
         for chunk in pending.chunks(500) {
             let keys: Vec<String> = chunk.iter().map(|&i| ids[i].clone()).collect();
-            for (&i, r) in chunk.iter().zip(store.get_many(&keys).await?) {
-                if r.is_some() {
-                    bar.inc(1);
+            match store.get_many(&keys).await {
+                Ok(got) => {
+                    for (&i, r) in chunk.iter().zip(got) {
+                        if r.is_some() {
+                            bar.inc(1);
+                        }
+                        results[i] = r;
+                    }
                 }
-                results[i] = r;
+                // Redis may blink (restart, failover); the connection manager
+                // reconnects, so keep polling until the deadline.
+                Err(e) if Instant::now() < deadline => tracing::warn!(error = %e, "reading results failed; retrying"),
+                Err(e) => return Err(e),
             }
         }
         if results.iter().any(Option::is_none) {

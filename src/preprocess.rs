@@ -269,8 +269,8 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<GrayImage, ScanError> {
             decode_raster(decoder, "PNG", limits)
         }
         ImageFormat::Jpeg => {
-            let mut decoder =
-                JpegDecoder::new(Cursor::new(bytes)).map_err(|e| map_image_error(e, "JPEG", limits))?;
+            let mut decoder = JpegDecoder::new(Cursor::new(bytes))
+                .map_err(|e| map_image_error(e, "JPEG", limits))?;
             decoder
                 .set_limits(decoder_limits(limits))
                 .map_err(|e| map_image_error(e, "JPEG", limits))?;
@@ -349,14 +349,19 @@ fn normalise_min_max(values: &mut [f32]) -> Result<(), ScanError> {
         min = min.min(v);
         max = max.max(v);
     }
+    if values.is_empty() {
+        return Err(ScanError::BlankImage);
+    }
+    // f64 so that even a range spanning the whole f32 domain stays finite.
+    let (min, max) = (f64::from(min), f64::from(max));
     let range = max - min;
     let scale = min.abs().max(max.abs()).max(1.0);
-    if !(range > BLANK_RELATIVE_EPSILON * scale) {
+    if range <= f64::from(BLANK_RELATIVE_EPSILON) * scale {
         return Err(ScanError::BlankImage);
     }
     // Division (not multiplication by 1/range) so that the maximum maps to exactly 1.0.
     for v in values.iter_mut() {
-        *v = (*v - min) / range;
+        *v = ((f64::from(*v) - min) / range) as f32;
     }
     Ok(())
 }
@@ -423,10 +428,16 @@ fn luminance(image: DynamicImage) -> Vec<f32> {
     match image {
         DynamicImage::ImageLuma8(b) => b.as_raw().iter().map(|&v| f32::from(v)).collect(),
         DynamicImage::ImageLuma16(b) => b.as_raw().iter().map(|&v| f32::from(v)).collect(),
-        DynamicImage::ImageLumaA8(b) => b.as_raw().chunks_exact(2).map(|p| f32::from(p[0])).collect(),
-        DynamicImage::ImageLumaA16(b) => {
-            b.as_raw().chunks_exact(2).map(|p| f32::from(p[0])).collect()
-        }
+        DynamicImage::ImageLumaA8(b) => b
+            .as_raw()
+            .chunks_exact(2)
+            .map(|p| f32::from(p[0]))
+            .collect(),
+        DynamicImage::ImageLumaA16(b) => b
+            .as_raw()
+            .chunks_exact(2)
+            .map(|p| f32::from(p[0]))
+            .collect(),
         DynamicImage::ImageRgb8(b) => rgb_luma(b.as_raw(), 3),
         DynamicImage::ImageRgba8(b) => rgb_luma(b.as_raw(), 4),
         DynamicImage::ImageRgb16(b) => rgb_luma(b.as_raw(), 3),
@@ -483,16 +494,25 @@ struct DataSetEncoding {
 /// instead of an opaque decode failure. Deflated data sets are refused on purpose: inflation
 /// happens inside the parser, before any limit can be checked (a zip bomb).
 fn classify_transfer_syntax(uid: &str) -> Result<(DataSetEncoding, PixelCodec), ScanError> {
-    const EXPLICIT_LE: DataSetEncoding = DataSetEncoding { explicit_vr: true, big_endian: false };
+    const EXPLICIT_LE: DataSetEncoding = DataSetEncoding {
+        explicit_vr: true,
+        big_endian: false,
+    };
     match uid {
         uids::IMPLICIT_VR_LITTLE_ENDIAN => Ok((
-            DataSetEncoding { explicit_vr: false, big_endian: false },
+            DataSetEncoding {
+                explicit_vr: false,
+                big_endian: false,
+            },
             PixelCodec::Native,
         )),
         uids::EXPLICIT_VR_LITTLE_ENDIAN => Ok((EXPLICIT_LE, PixelCodec::Native)),
         // Retired (so the dictionary constant is deprecated) but still found in archives.
         "1.2.840.10008.1.2.2" => Ok((
-            DataSetEncoding { explicit_vr: true, big_endian: true },
+            DataSetEncoding {
+                explicit_vr: true,
+                big_endian: true,
+            },
             PixelCodec::Native,
         )),
         uids::JPEG_BASELINE8_BIT
@@ -553,10 +573,16 @@ fn decode_dicom_unguarded(bytes: &[u8], limits: &Limits) -> Result<GrayImage, Sc
         .get(tags::PHOTOMETRIC_INTERPRETATION)
         .and_then(|e| e.to_str().ok())
         .ok_or_else(|| corrupt("missing Photometric Interpretation"))?;
-    if !matches!(photometric.trim_end_matches([' ', '\0']), "MONOCHROME1" | "MONOCHROME2") {
-        return Err(unsupported_dicom("photometric interpretation is not monochrome"));
+    if !matches!(
+        photometric.trim_end_matches([' ', '\0']),
+        "MONOCHROME1" | "MONOCHROME2"
+    ) {
+        return Err(unsupported_dicom(
+            "photometric interpretation is not monochrome",
+        ));
     }
-    let bits_allocated = uint(tags::BITS_ALLOCATED).ok_or_else(|| corrupt("missing Bits Allocated"))?;
+    let bits_allocated =
+        uint(tags::BITS_ALLOCATED).ok_or_else(|| corrupt("missing Bits Allocated"))?;
     if bits_allocated != 8 && bits_allocated != 16 {
         return Err(unsupported_dicom("bits allocated other than 8 or 16"));
     }
@@ -573,8 +599,11 @@ fn decode_dicom_unguarded(bytes: &[u8], limits: &Limits) -> Result<GrayImage, Sc
             .fragments()
             .and_then(|f| f.first())
             .ok_or_else(|| corrupt("encapsulated pixel data has no fragments"))?;
-        let frame = jpeg_frame_header(first).ok_or_else(|| corrupt("JPEG fragment has no frame header"))?;
-        if (u32::from(frame.width), u32::from(frame.height)) != (cols, rows) || frame.components != 1 {
+        let frame =
+            jpeg_frame_header(first).ok_or_else(|| corrupt("JPEG fragment has no frame header"))?;
+        if (u32::from(frame.width), u32::from(frame.height)) != (cols, rows)
+            || frame.components != 1
+        {
             return Err(corrupt("JPEG frame header disagrees with Rows/Columns"));
         }
     }
@@ -584,7 +613,9 @@ fn decode_dicom_unguarded(bytes: &[u8], limits: &Limits) -> Result<GrayImage, Sc
         .decode_pixel_data_frame(0)
         .map_err(|_| corrupt("pixel data could not be decoded"))?;
     if !decoded.photometric_interpretation().is_monochrome() {
-        return Err(unsupported_dicom("photometric interpretation is not monochrome"));
+        return Err(unsupported_dicom(
+            "photometric interpretation is not monochrome",
+        ));
     }
 
     // Modality LUT only (rescale slope/intercept), at full precision. The crate's VOI path for
@@ -628,15 +659,23 @@ fn apply_voi(values: &mut [f32], decoded: &DecodedPixelData<'_>) {
         for v in values.iter_mut() {
             // `as i64` saturates (NaN → 0); the clamp keeps out-of-range inputs on the ends,
             // as the standard prescribes.
-            let index = (v.round() as i64).saturating_sub(first_input).clamp(0, last);
+            let index = (v.round() as i64)
+                .saturating_sub(first_input)
+                .clamp(0, last);
             *v = f32::from(lut.data[index as usize]);
         }
         return;
     }
-    let window = decoded.window().ok().flatten().and_then(|w| w.first().copied());
+    let window = decoded
+        .window()
+        .ok()
+        .flatten()
+        .and_then(|w| w.first().copied());
     // A window with a non-finite centre or a non-positive width is a broken header; the
     // modality values are then the best available image, and min-max normalisation follows.
-    if let Some(window) = window.filter(|w| w.center.is_finite() && w.width.is_finite() && w.width > 0.0) {
+    if let Some(window) =
+        window.filter(|w| w.center.is_finite() && w.width.is_finite() && w.width > 0.0)
+    {
         let function = decoded
             .voi_lut_function()
             .ok()
@@ -662,7 +701,9 @@ fn invert_in_place(values: &mut [f32]) {
     let (min, max) = values
         .iter()
         .filter(|v| v.is_finite())
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
     if min > max {
         return; // no finite values; normalisation will reject the image
     }
@@ -762,7 +803,12 @@ mod structure {
     pub(super) fn check(body: &[u8]) -> Result<Layout, ScanError> {
         // The file meta group is always explicit VR little endian and must open with its
         // group length, which is how the parser finds where the data set starts.
-        let mut meta = Walker { buf: body, pos: 0, explicit_vr: true, big_endian: false };
+        let mut meta = Walker {
+            buf: body,
+            pos: 0,
+            explicit_vr: true,
+            big_endian: false,
+        };
         if body.len() < 12 || body[..8] != super::DICOM_META_GROUP_LENGTH_HEADER {
             return Err(corrupt("missing DICOM file meta group length"));
         }
@@ -814,12 +860,25 @@ mod structure {
     impl Walker<'_> {
         fn u16_at(&self, at: usize) -> u16 {
             let b = [self.buf[at], self.buf[at + 1]];
-            if self.big_endian { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) }
+            if self.big_endian {
+                u16::from_be_bytes(b)
+            } else {
+                u16::from_le_bytes(b)
+            }
         }
 
         fn u32_at(&self, at: usize) -> u32 {
-            let b = [self.buf[at], self.buf[at + 1], self.buf[at + 2], self.buf[at + 3]];
-            if self.big_endian { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+            let b = [
+                self.buf[at],
+                self.buf[at + 1],
+                self.buf[at + 2],
+                self.buf[at + 3],
+            ];
+            if self.big_endian {
+                u32::from_be_bytes(b)
+            } else {
+                u32::from_le_bytes(b)
+            }
         }
 
         fn tag_at(&self, at: usize) -> (u16, u16) {
@@ -994,7 +1053,9 @@ mod tests {
 
     fn encode_png(width: u32, height: u32, color: ExtendedColorType, raw: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        PngEncoder::new(&mut out).write_image(raw, width, height, color).unwrap();
+        PngEncoder::new(&mut out)
+            .write_image(raw, width, height, color)
+            .unwrap();
         out
     }
 
@@ -1016,11 +1077,15 @@ mod tests {
     fn min_max(values: &[f32]) -> (f32, f32) {
         values
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            })
     }
 
     fn mean(values: impl IntoIterator<Item = f32>) -> f32 {
-        let (sum, n) = values.into_iter().fold((0.0f64, 0usize), |(s, n), v| (s + f64::from(v), n + 1));
+        let (sum, n) = values
+            .into_iter()
+            .fold((0.0f64, 0usize), |(s, n), v| (s + f64::from(v), n + 1));
         (sum / n as f64) as f32
     }
 
@@ -1058,7 +1123,11 @@ mod tests {
         for &b in parts.iter().flat_map(|p| p.iter()) {
             c ^= u32::from(b);
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
         }
         !c
@@ -1067,7 +1136,11 @@ mod tests {
     /// zlib stream of `n` zero bytes using fixed Huffman codes: one literal, then
     /// 258-byte back-references at distance 1 (13 bits each, ~160x compression).
     fn zlib_zeros(n: usize) -> Vec<u8> {
-        let mut w = BitWriter { out: vec![0x78, 0x01], acc: 0, bits: 0 };
+        let mut w = BitWriter {
+            out: vec![0x78, 0x01],
+            acc: 0,
+            bits: 0,
+        };
         w.put(1, 1); // final block
         w.put(1, 2); // fixed Huffman
         let mut left = n;
@@ -1156,13 +1229,23 @@ mod tests {
     fn dicom_header(ts: &str) -> Vec<u8> {
         let mut meta = Vec::new();
         element(&mut meta, (0x0002, 0x0001), b"OB", &[0, 1]);
-        element(&mut meta, (0x0002, 0x0002), b"UI", &text("1.2.840.10008.5.1.4.1.1.1", 0));
+        element(
+            &mut meta,
+            (0x0002, 0x0002),
+            b"UI",
+            &text("1.2.840.10008.5.1.4.1.1.1", 0),
+        );
         element(&mut meta, (0x0002, 0x0003), b"UI", &text("1.2.3.4.5", 0));
         element(&mut meta, (0x0002, 0x0010), b"UI", &text(ts, 0));
         element(&mut meta, (0x0002, 0x0012), b"UI", &text("1.2.3.4", 0));
         let mut out = vec![0u8; DICOM_PREAMBLE_LEN];
         out.extend_from_slice(DICOM_MAGIC);
-        element(&mut out, (0x0002, 0x0000), b"UL", &(meta.len() as u32).to_le_bytes());
+        element(
+            &mut out,
+            (0x0002, 0x0000),
+            b"UL",
+            &(meta.len() as u32).to_le_bytes(),
+        );
         out.extend_from_slice(&meta);
         out
     }
@@ -1205,27 +1288,62 @@ mod tests {
 
         fn data_set(&self) -> Vec<u8> {
             let mut ds = Vec::new();
-            element(&mut ds, (0x0008, 0x0016), b"UI", &text("1.2.840.10008.5.1.4.1.1.1", 0));
+            element(
+                &mut ds,
+                (0x0008, 0x0016),
+                b"UI",
+                &text("1.2.840.10008.5.1.4.1.1.1", 0),
+            );
             element(&mut ds, (0x0008, 0x0060), b"CS", &text("CR", b' '));
             ds.extend_from_slice(&self.extra);
             if let Some(name) = self.patient_name {
                 element(&mut ds, (0x0010, 0x0010), b"PN", &text(name, b' '));
             }
             element(&mut ds, (0x0028, 0x0002), b"US", &us(1));
-            element(&mut ds, (0x0028, 0x0004), b"CS", &text(self.photometric, b' '));
+            element(
+                &mut ds,
+                (0x0028, 0x0004),
+                b"CS",
+                &text(self.photometric, b' '),
+            );
             element(&mut ds, (0x0028, 0x0010), b"US", &us(self.rows));
             element(&mut ds, (0x0028, 0x0011), b"US", &us(self.cols));
             element(&mut ds, (0x0028, 0x0100), b"US", &us(self.bits_allocated));
             element(&mut ds, (0x0028, 0x0101), b"US", &us(self.bits_stored));
-            element(&mut ds, (0x0028, 0x0102), b"US", &us(self.bits_stored.saturating_sub(1)));
+            element(
+                &mut ds,
+                (0x0028, 0x0102),
+                b"US",
+                &us(self.bits_stored.saturating_sub(1)),
+            );
             element(&mut ds, (0x0028, 0x0103), b"US", &us(0));
             if let Some((center, width)) = self.window {
-                element(&mut ds, (0x0028, 0x1050), b"DS", &text(&center.to_string(), b' '));
-                element(&mut ds, (0x0028, 0x1051), b"DS", &text(&width.to_string(), b' '));
+                element(
+                    &mut ds,
+                    (0x0028, 0x1050),
+                    b"DS",
+                    &text(&center.to_string(), b' '),
+                );
+                element(
+                    &mut ds,
+                    (0x0028, 0x1051),
+                    b"DS",
+                    &text(&width.to_string(), b' '),
+                );
             }
             if let Some((intercept, slope)) = self.rescale {
-                element(&mut ds, (0x0028, 0x1052), b"DS", &text(&intercept.to_string(), b' '));
-                element(&mut ds, (0x0028, 0x1053), b"DS", &text(&slope.to_string(), b' '));
+                element(
+                    &mut ds,
+                    (0x0028, 0x1052),
+                    b"DS",
+                    &text(&intercept.to_string(), b' '),
+                );
+                element(
+                    &mut ds,
+                    (0x0028, 0x1053),
+                    b"DS",
+                    &text(&slope.to_string(), b' '),
+                );
             }
             if self.include_pixel_data {
                 let bytes: Vec<u8> = if self.bits_allocated == 8 {
@@ -1237,7 +1355,11 @@ mod tests {
                 } else {
                     self.pixels.iter().flat_map(|p| p.to_le_bytes()).collect()
                 };
-                let vr = if self.bits_allocated == 8 { b"OB" } else { b"OW" };
+                let vr = if self.bits_allocated == 8 {
+                    b"OB"
+                } else {
+                    b"OW"
+                };
                 element(&mut ds, (0x7FE0, 0x0010), vr, &bytes);
             }
             ds
@@ -1265,8 +1387,14 @@ mod tests {
         assert_eq!(detect_format(&jpeg), Some(ImageFormat::Jpeg));
         assert_eq!(detect_format(&dicom), Some(ImageFormat::Dicom));
         // Preamble stripped, and preamble plus magic stripped.
-        assert_eq!(detect_format(&dicom[DICOM_PREAMBLE_LEN..]), Some(ImageFormat::Dicom));
-        assert_eq!(detect_format(&dicom[DICOM_PREAMBLE_LEN + 4..]), Some(ImageFormat::Dicom));
+        assert_eq!(
+            detect_format(&dicom[DICOM_PREAMBLE_LEN..]),
+            Some(ImageFormat::Dicom)
+        );
+        assert_eq!(
+            detect_format(&dicom[DICOM_PREAMBLE_LEN + 4..]),
+            Some(ImageFormat::Dicom)
+        );
         assert_eq!(detect_format(b"hello world"), None);
         assert_eq!(detect_format(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n"), None);
         assert_eq!(detect_format(b""), None);
@@ -1279,7 +1407,11 @@ mod tests {
         // PNG bytes saved under a DICOM name still load as PNG; the API never sees names.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scan.dcm");
-        std::fs::write(&path, encode_png(16, 16, ExtendedColorType::L8, &gradient8(16, 16))).unwrap();
+        std::fs::write(
+            &path,
+            encode_png(16, 16, ExtendedColorType::L8, &gradient8(16, 16)),
+        )
+        .unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(detect_format(&bytes), Some(ImageFormat::Png));
         assert_eq!(load_scan(&bytes, &Limits::default(), 8).unwrap().len(), 64);
@@ -1303,7 +1435,11 @@ mod tests {
             (ScanError::UnsupportedFormat, "unsupported_format"),
             (ScanError::CorruptImage("x".into()), "corrupt_image"),
             (
-                ScanError::TooLarge { limit: LimitKind::Bytes, actual: Some(2), max: 1 },
+                ScanError::TooLarge {
+                    limit: LimitKind::Bytes,
+                    actual: Some(2),
+                    max: 1,
+                },
                 "too_large",
             ),
             (ScanError::BlankImage, "blank_image"),
@@ -1322,8 +1458,15 @@ mod tests {
 
     #[test]
     fn non_images_are_unsupported_format() {
-        for bytes in [&b"hello world"[..], b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", b"GIF89a\x01\x00"] {
-            assert_eq!(code_of(load_scan(bytes, &Limits::default(), 8)), "unsupported_format");
+        for bytes in [
+            &b"hello world"[..],
+            b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n",
+            b"GIF89a\x01\x00",
+        ] {
+            assert_eq!(
+                code_of(load_scan(bytes, &Limits::default(), 8)),
+                "unsupported_format"
+            );
         }
     }
 
@@ -1352,7 +1495,10 @@ mod tests {
     #[test]
     fn truncated_jpeg_header_is_corrupt() {
         let jpeg = encode_jpeg(32, 32, ExtendedColorType::L8, &gradient8(32, 32));
-        assert_eq!(code_of(decode(&jpeg[..40], &Limits::default())), "corrupt_image");
+        assert_eq!(
+            code_of(decode(&jpeg[..40], &Limits::default())),
+            "corrupt_image"
+        );
     }
 
     #[test]
@@ -1361,7 +1507,11 @@ mod tests {
         assert!(bomb.len() < 1024 * 1024, "bomb is {} bytes", bomb.len());
         let started = Instant::now();
         let err = decode(&bomb, &Limits::default()).unwrap_err();
-        eprintln!("100 MP bomb ({} bytes) rejected in {:?}", bomb.len(), started.elapsed());
+        eprintln!(
+            "100 MP bomb ({} bytes) rejected in {:?}",
+            bomb.len(),
+            started.elapsed()
+        );
         // Decoding it would have produced `blank_image` (all zeros), so `too_large` proves the
         // header check ran first.
         assert_eq!(
@@ -1386,7 +1536,10 @@ mod tests {
     #[test]
     fn max_bytes_is_checked_first() {
         let png = encode_png(64, 64, ExtendedColorType::L8, &gradient8(64, 64));
-        let limits = Limits { max_bytes: png.len() - 1, ..Limits::default() };
+        let limits = Limits {
+            max_bytes: png.len() - 1,
+            ..Limits::default()
+        };
         assert_eq!(
             decode(&png, &limits).unwrap_err(),
             ScanError::TooLarge {
@@ -1396,25 +1549,43 @@ mod tests {
             }
         );
         // Bytes are checked before the format: even garbage over the limit is too large.
-        let limits = Limits { max_bytes: 4, ..Limits::default() };
+        let limits = Limits {
+            max_bytes: 4,
+            ..Limits::default()
+        };
         assert_eq!(code_of(decode(b"hello world", &limits)), "too_large");
-        let limits = Limits { max_bytes: png.len(), ..Limits::default() };
+        let limits = Limits {
+            max_bytes: png.len(),
+            ..Limits::default()
+        };
         assert!(decode(&png, &limits).is_ok());
     }
 
     #[test]
     fn max_pixels_is_exact() {
         let png = encode_png(10, 10, ExtendedColorType::L8, &gradient8(10, 10));
-        let at_limit = Limits { max_pixels: 100, ..Limits::default() };
+        let at_limit = Limits {
+            max_pixels: 100,
+            ..Limits::default()
+        };
         assert!(decode(&png, &at_limit).is_ok());
-        let below = Limits { max_pixels: 99, ..Limits::default() };
+        let below = Limits {
+            max_pixels: 99,
+            ..Limits::default()
+        };
         assert_eq!(code_of(decode(&png, &below)), "too_large");
     }
 
     #[test]
     fn limits_deserialize_with_defaults() {
         let limits: Limits = serde_json::from_str(r#"{"max_bytes": 1000}"#).unwrap();
-        assert_eq!(limits, Limits { max_bytes: 1000, max_pixels: DEFAULT_MAX_PIXELS });
+        assert_eq!(
+            limits,
+            Limits {
+                max_bytes: 1000,
+                max_pixels: DEFAULT_MAX_PIXELS
+            }
+        );
         assert_eq!(Limits::default().max_bytes, DEFAULT_MAX_BYTES);
     }
 
@@ -1423,12 +1594,17 @@ mod tests {
     #[test]
     fn gray16_png_keeps_native_scale() {
         let (w, h) = (16u32, 8u32);
-        let samples: Vec<u16> = (0..w * h).map(|i| if i % 3 == 0 { 1000 } else { 50_000 }).collect();
+        let samples: Vec<u16> = (0..w * h)
+            .map(|i| if i % 3 == 0 { 1000 } else { 50_000 })
+            .collect();
         let raw: Vec<u8> = samples.iter().flat_map(|v| v.to_ne_bytes()).collect();
         let png = encode_png(w, h, ExtendedColorType::L16, &raw);
         let img = decode(&png, &Limits::default()).unwrap();
         let expected: Vec<f32> = samples.iter().map(|&v| f32::from(v)).collect();
-        assert_eq!(img.data, expected, "16-bit samples must not be squashed to 8 bits");
+        assert_eq!(
+            img.data, expected,
+            "16-bit samples must not be squashed to 8 bits"
+        );
         let out = preprocess(&img, w).unwrap();
         assert_eq!(min_max(&out), (0.0, 1.0));
     }
@@ -1437,9 +1613,21 @@ mod tests {
     fn gray_alpha_png_ignores_alpha() {
         let (w, h) = (20u32, 10u32);
         let gray = gradient8(w, h);
-        let with_alpha: Vec<u8> = gray.iter().enumerate().flat_map(|(i, &g)| [g, (i * 37 % 256) as u8]).collect();
-        let plain = decode(&encode_png(w, h, ExtendedColorType::L8, &gray), &Limits::default()).unwrap();
-        let alpha = decode(&encode_png(w, h, ExtendedColorType::La8, &with_alpha), &Limits::default()).unwrap();
+        let with_alpha: Vec<u8> = gray
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &g)| [g, (i * 37 % 256) as u8])
+            .collect();
+        let plain = decode(
+            &encode_png(w, h, ExtendedColorType::L8, &gray),
+            &Limits::default(),
+        )
+        .unwrap();
+        let alpha = decode(
+            &encode_png(w, h, ExtendedColorType::La8, &with_alpha),
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(alpha, plain);
     }
 
@@ -1447,12 +1635,23 @@ mod tests {
     fn colour_pngs_use_luminance_and_ignore_alpha() {
         let (w, h) = (12u32, 6u32);
         let gray = gradient8(w, h);
-        let plain = decode(&encode_png(w, h, ExtendedColorType::L8, &gray), &Limits::default()).unwrap();
+        let plain = decode(
+            &encode_png(w, h, ExtendedColorType::L8, &gray),
+            &Limits::default(),
+        )
+        .unwrap();
         let rgb: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g]).collect();
         let rgba: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g, 255]).collect();
         let rgba16: Vec<u8> = gray
             .iter()
-            .flat_map(|&g| [u16::from(g) * 257, u16::from(g) * 257, u16::from(g) * 257, 7])
+            .flat_map(|&g| {
+                [
+                    u16::from(g) * 257,
+                    u16::from(g) * 257,
+                    u16::from(g) * 257,
+                    7,
+                ]
+            })
             .flat_map(|v| v.to_ne_bytes())
             .collect();
         for (color, raw, scale) in [
@@ -1466,8 +1665,16 @@ mod tests {
             }
         }
         // Weighted, not averaged: pure green is much brighter than pure blue.
-        let green = decode(&encode_png(1, 1, ExtendedColorType::Rgb8, &[0, 255, 0]), &Limits::default()).unwrap();
-        let blue = decode(&encode_png(1, 1, ExtendedColorType::Rgb8, &[0, 0, 255]), &Limits::default()).unwrap();
+        let green = decode(
+            &encode_png(1, 1, ExtendedColorType::Rgb8, &[0, 255, 0]),
+            &Limits::default(),
+        )
+        .unwrap();
+        let blue = decode(
+            &encode_png(1, 1, ExtendedColorType::Rgb8, &[0, 0, 255]),
+            &Limits::default(),
+        )
+        .unwrap();
         assert!((green.data[0] - 0.7152 * 255.0).abs() < 1e-3);
         assert!((blue.data[0] - 0.0722 * 255.0).abs() < 1e-3);
     }
@@ -1477,11 +1684,17 @@ mod tests {
         let (w, h) = (64u32, 48u32);
         let gray = gradient8(w, h);
         let rgb: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g]).collect();
-        for (color, raw) in [(ExtendedColorType::L8, gray.clone()), (ExtendedColorType::Rgb8, rgb)] {
+        for (color, raw) in [
+            (ExtendedColorType::L8, gray.clone()),
+            (ExtendedColorType::Rgb8, rgb),
+        ] {
             let img = decode(&encode_jpeg(w, h, color, &raw), &Limits::default()).unwrap();
             assert_eq!((img.width, img.height), (w, h));
             let expected = mean(gray.iter().map(|&g| f32::from(g)));
-            assert!((mean(img.data.iter().copied()) - expected).abs() < 2.0, "{color:?}");
+            assert!(
+                (mean(img.data.iter().copied()) - expected).abs() < 2.0,
+                "{color:?}"
+            );
             let out = preprocess(&img, 32).unwrap();
             assert_eq!(min_max(&out), (0.0, 1.0));
         }
@@ -1507,7 +1720,11 @@ mod tests {
 
     #[test]
     fn output_has_requested_size_for_non_square_input() {
-        let img = GrayImage { width: 40, height: 25, data: (0..1000).map(|i| i as f32).collect() };
+        let img = GrayImage {
+            width: 40,
+            height: 25,
+            data: (0..1000).map(|i| i as f32).collect(),
+        };
         for size in [1u32, 7, 25, 64] {
             // A 1x1 output is necessarily flat.
             match preprocess(&img, size) {
@@ -1519,33 +1736,71 @@ mod tests {
 
     #[test]
     fn flat_and_non_finite_images_are_blank() {
-        let flat = GrayImage { width: 64, height: 64, data: vec![200.0; 64 * 64] };
+        let flat = GrayImage {
+            width: 64,
+            height: 64,
+            data: vec![200.0; 64 * 64],
+        };
         assert_eq!(preprocess(&flat, 16).unwrap_err(), ScanError::BlankImage);
         let flat_png = encode_png(32, 32, ExtendedColorType::L8, &[77; 32 * 32]);
-        assert_eq!(code_of(load_scan(&flat_png, &Limits::default(), 16)), "blank_image");
+        assert_eq!(
+            code_of(load_scan(&flat_png, &Limits::default(), 16)),
+            "blank_image"
+        );
         // Contrast far below f32 precision at this magnitude is still flat.
         let mut almost = vec![1.0e6f32; 16];
         almost[3] = 1.0e6 + 0.0625;
-        let almost = GrayImage { width: 4, height: 4, data: almost };
+        let almost = GrayImage {
+            width: 4,
+            height: 4,
+            data: almost,
+        };
         assert_eq!(preprocess(&almost, 4).unwrap_err(), ScanError::BlankImage);
+        // The widest finite range still normalises (no inf - -inf overflow).
+        let mut extreme = vec![-f32::MAX, 0.0, f32::MAX];
+        normalise_min_max(&mut extreme).unwrap();
+        assert_eq!(extreme, vec![0.0, 0.5, 1.0]);
         for bad in [f32::NAN, f32::INFINITY] {
             let mut data: Vec<f32> = (0..256).map(|i| i as f32).collect();
             data[100] = bad;
-            let img = GrayImage { width: 16, height: 16, data };
-            assert_eq!(preprocess(&img, 8).unwrap_err(), ScanError::BlankImage, "{bad}");
+            let img = GrayImage {
+                width: 16,
+                height: 16,
+                data,
+            };
+            assert_eq!(
+                preprocess(&img, 8).unwrap_err(),
+                ScanError::BlankImage,
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn zero_sized_or_inconsistent_images_are_corrupt() {
-        let empty = GrayImage { width: 0, height: 10, data: vec![] };
+        let empty = GrayImage {
+            width: 0,
+            height: 10,
+            data: vec![],
+        };
         assert_eq!(code_of(preprocess(&empty, 8)), "corrupt_image");
-        let short = GrayImage { width: 4, height: 4, data: vec![1.0; 15] };
+        let short = GrayImage {
+            width: 4,
+            height: 4,
+            data: vec![1.0; 15],
+        };
         assert_eq!(code_of(preprocess(&short, 8)), "corrupt_image");
-        let ok = GrayImage { width: 4, height: 4, data: (0..16).map(|i| i as f32).collect() };
+        let ok = GrayImage {
+            width: 4,
+            height: 4,
+            data: (0..16).map(|i| i as f32).collect(),
+        };
         assert_eq!(code_of(preprocess(&ok, 0)), "invalid_size");
         // A PNG header announcing zero columns never reaches preprocess.
-        assert_eq!(code_of(decode(&zero_png(0, 10), &Limits::default())), "corrupt_image");
+        assert_eq!(
+            code_of(decode(&zero_png(0, 10), &Limits::default())),
+            "corrupt_image"
+        );
     }
 
     #[test]
@@ -1554,14 +1809,28 @@ mod tests {
         // (nearest) returns only 0s and 1s; a convolution averages to 0.5.
         let n = 64u32;
         let data = (0..n * n).map(|i| ((i % n + i / n) % 2) as f32).collect();
-        let img = GrayImage { width: n, height: n, data };
+        let img = GrayImage {
+            width: n,
+            height: n,
+            data,
+        };
         let out = resize_f32(&img, 16).unwrap();
         for v in out {
             assert!((v - 0.5).abs() < 0.05, "{v}");
         }
         // A step edge survives downsampling in the right place.
-        let data = (0..n * n).map(|i| if i % n < n / 2 { 0.0 } else { 100.0 }).collect();
-        let out = resize_f32(&GrayImage { width: n, height: n, data }, 8).unwrap();
+        let data = (0..n * n)
+            .map(|i| if i % n < n / 2 { 0.0 } else { 100.0 })
+            .collect();
+        let out = resize_f32(
+            &GrayImage {
+                width: n,
+                height: n,
+                data,
+            },
+            8,
+        )
+        .unwrap();
         assert!(out[0] < 1.0 && out[7] > 99.0, "{out:?}");
     }
 
@@ -1584,7 +1853,10 @@ mod tests {
         dcm.bits_allocated = 8;
         dcm.bits_stored = 8;
         let img = decode(&dcm.build(), &Limits::default()).unwrap();
-        assert_eq!(img.data, (0..9).map(|v| (v * 25) as f32).collect::<Vec<_>>());
+        assert_eq!(
+            img.data,
+            (0..9).map(|v| (v * 25) as f32).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -1608,7 +1880,11 @@ mod tests {
         let a = decode(&mono2.build(), &Limits::default()).unwrap();
         let b = decode(&mono1.build(), &Limits::default()).unwrap();
         for (x, y) in a.data.iter().zip(&b.data) {
-            assert_eq!(x + y, 4095.0, "MONOCHROME1 must mirror within the value range");
+            assert_eq!(
+                x + y,
+                4095.0,
+                "MONOCHROME1 must mirror within the value range"
+            );
         }
         let pa = preprocess(&a, 3).unwrap();
         let pb = preprocess(&b, 3).unwrap();
@@ -1619,7 +1895,10 @@ mod tests {
         let mut windowed = mono1.clone();
         windowed.window = Some((2048.0, 4096.0));
         let w = decode(&windowed.build(), &Limits::default()).unwrap();
-        assert!(w.data[0] > w.data[5], "air (low raw value) must end up bright in MONOCHROME1 input");
+        assert!(
+            w.data[0] > w.data[5],
+            "air (low raw value) must end up bright in MONOCHROME1 input"
+        );
     }
 
     #[test]
@@ -1643,14 +1922,17 @@ mod tests {
     fn dicom_without_pixel_data_is_unsupported() {
         let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
         dcm.include_pixel_data = false;
-        assert_eq!(code_of(decode(&dcm.build(), &Limits::default())), "unsupported_dicom");
+        assert_eq!(
+            code_of(decode(&dcm.build(), &Limits::default())),
+            "unsupported_dicom"
+        );
     }
 
     #[test]
     fn dicom_unsupported_transfer_syntaxes() {
         for ts in [
-            "1.2.840.10008.1.2.4.90",            // JPEG 2000 lossless
-            "1.2.840.10008.1.2.4.80",            // JPEG-LS
+            "1.2.840.10008.1.2.4.90",                 // JPEG 2000 lossless
+            "1.2.840.10008.1.2.4.80",                 // JPEG-LS
             uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, // deflate: refused on purpose
         ] {
             let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
@@ -1670,15 +1952,24 @@ mod tests {
     fn dicom_unsupported_photometric_and_depth() {
         let mut rgb = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
         rgb.photometric = "PALETTE COLOR";
-        assert_eq!(code_of(decode(&rgb.build(), &Limits::default())), "unsupported_dicom");
+        assert_eq!(
+            code_of(decode(&rgb.build(), &Limits::default())),
+            "unsupported_dicom"
+        );
         let mut deep = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
         deep.bits_allocated = 32;
         deep.bits_stored = 32;
-        assert_eq!(code_of(decode(&deep.build(), &Limits::default())), "unsupported_dicom");
+        assert_eq!(
+            code_of(decode(&deep.build(), &Limits::default())),
+            "unsupported_dicom"
+        );
         // Bits Stored 0 would trip an assertion deep in the LUT code; it must be an error.
         let mut zero = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
         zero.bits_stored = 0;
-        assert_eq!(code_of(decode(&zero.build(), &Limits::default())), "corrupt_image");
+        assert_eq!(
+            code_of(decode(&zero.build(), &Limits::default())),
+            "corrupt_image"
+        );
     }
 
     #[test]
@@ -1696,20 +1987,27 @@ mod tests {
         );
         let mut short = SynthDicom::new(100, 100, vec![1, 2, 3, 4]);
         short.bits_stored = 12;
-        assert_eq!(code_of(decode(&short.build(), &Limits::default())), "corrupt_image");
+        assert_eq!(
+            code_of(decode(&short.build(), &Limits::default())),
+            "corrupt_image"
+        );
     }
 
     #[test]
     fn dicom_lying_lengths_are_rejected_before_parsing() {
         // An OB element claiming ~4 GiB in a tiny file: the parser would zero-fill 4 GiB.
         let mut file = dicom_header(uids::EXPLICIT_VR_LITTLE_ENDIAN);
-        file.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF]);
+        file.extend_from_slice(&[
+            0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF,
+        ]);
         file.extend_from_slice(&[0; 64]);
         assert_eq!(code_of(decode(&file, &Limits::default())), "corrupt_image");
 
         // The same lie nested inside an item of a defined-length sequence.
         let mut inner = Vec::new();
-        inner.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0x7F]);
+        inner.extend_from_slice(&[
+            0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xF0, 0xFF, 0xFF, 0x7F,
+        ]);
         inner.extend_from_slice(&[0; 16]);
         let mut item = Vec::new();
         item.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
@@ -1718,11 +2016,15 @@ mod tests {
         let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
         assert!(decode(&dcm.build(), &Limits::default()).is_ok());
         element(&mut dcm.extra, (0x0009, 0x1001), b"SQ", &item);
-        assert_eq!(code_of(decode(&dcm.build(), &Limits::default())), "corrupt_image");
+        assert_eq!(
+            code_of(decode(&dcm.build(), &Limits::default())),
+            "corrupt_image"
+        );
 
         // A lying file meta group length.
         let mut file = SynthDicom::new(2, 2, vec![1, 2, 3, 4]).build();
-        file[DICOM_PREAMBLE_LEN + 4 + 8..DICOM_PREAMBLE_LEN + 4 + 12].copy_from_slice(&0x7FFF_FFF0u32.to_le_bytes());
+        file[DICOM_PREAMBLE_LEN + 4 + 8..DICOM_PREAMBLE_LEN + 4 + 12]
+            .copy_from_slice(&0x7FFF_FFF0u32.to_le_bytes());
         assert_eq!(code_of(decode(&file, &Limits::default())), "corrupt_image");
     }
 
@@ -1737,12 +2039,17 @@ mod tests {
         let mut dcm = SynthDicom::new(1, 2, vec![3, 9]);
         let extra = &mut dcm.extra;
         element(extra, (0x0009, 0x1001), b"SQ", &item);
-        extra.extend_from_slice(&[0x09, 0x00, 0x02, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        extra.extend_from_slice(&[
+            0x09, 0x00, 0x02, 0x10, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
         extra.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
         extra.extend_from_slice(&inner);
         extra.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         extra.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-        assert_eq!(decode(&dcm.build(), &Limits::default()).unwrap().data, vec![3.0, 9.0]);
+        assert_eq!(
+            decode(&dcm.build(), &Limits::default()).unwrap().data,
+            vec![3.0, 9.0]
+        );
     }
 
     #[test]
@@ -1762,7 +2069,10 @@ mod tests {
         for bytes in &variants {
             if let Err(e) = decode(bytes, &Limits::default()) {
                 let text = format!("{e} {e:?}");
-                assert!(!text.contains("SECRET") && !text.contains("DOE"), "leaked: {text}");
+                assert!(
+                    !text.contains("SECRET") && !text.contains("DOE"),
+                    "leaked: {text}"
+                );
             }
         }
     }
@@ -1772,7 +2082,11 @@ mod tests {
         let jpeg = encode_jpeg(40, 24, ExtendedColorType::L8, &gradient8(40, 24));
         assert_eq!(
             jpeg_frame_header(&jpeg),
-            Some(JpegFrameHeader { width: 40, height: 24, components: 1 })
+            Some(JpegFrameHeader {
+                width: 40,
+                height: 24,
+                components: 1
+            })
         );
         assert_eq!(jpeg_frame_header(&jpeg[..20]), None);
         assert_eq!(jpeg_frame_header(b"\xFF\xD8\xFF\xD9"), None);
@@ -1797,9 +2111,15 @@ mod tests {
 
     #[test]
     fn real_cxr_pngs_preprocess_to_unit_range() {
-        let Some(dir) = require_data("real_cxr_pngs_preprocess_to_unit_range") else { return };
+        let Some(dir) = require_data("real_cxr_pngs_preprocess_to_unit_range") else {
+            return;
+        };
         let files = cxr_pngs(&dir);
-        assert_eq!(files.len(), 110, "expected 50 effusion + 60 no-finding PNGs");
+        assert_eq!(
+            files.len(),
+            110,
+            "expected 50 effusion + 60 no-finding PNGs"
+        );
         let started = Instant::now();
         for path in &files {
             let bytes = std::fs::read(path).unwrap();
@@ -1817,11 +2137,17 @@ mod tests {
 
     #[test]
     fn real_rgba_pngs_match_their_gray_content() {
-        let Some(dir) = require_data("real_rgba_pngs_match_their_gray_content") else { return };
+        let Some(dir) = require_data("real_rgba_pngs_match_their_gray_content") else {
+            return;
+        };
         for name in ["effusion/00000100_000.png", "nofinding/00004934_000.png"] {
             let bytes = std::fs::read(dir.join("cxr").join(name)).unwrap();
             let decoder = PngDecoder::new(Cursor::new(&bytes[..])).unwrap();
-            assert_eq!(decoder.color_type(), image::ColorType::Rgba8, "{name} is the RGBA sample");
+            assert_eq!(
+                decoder.color_type(),
+                image::ColorType::Rgba8,
+                "{name} is the RGBA sample"
+            );
             let rgba = DynamicImage::from_decoder(decoder).unwrap().into_rgba8();
             let img = decode(&bytes, &Limits::default()).unwrap();
             assert_eq!((img.width, img.height), (1024, 1024));
@@ -1841,7 +2167,9 @@ mod tests {
         let rows = size * 3 / 10..size * 6 / 10;
         let at = |r: usize, c: usize| img[r * size + c];
         let lungs = rows.clone().flat_map(|r| {
-            (size / 8..size / 3).chain(size * 2 / 3..size * 7 / 8).map(move |c| at(r, c))
+            (size / 8..size / 3)
+                .chain(size * 2 / 3..size * 7 / 8)
+                .map(move |c| at(r, c))
         });
         let mediastinum = rows.flat_map(|r| (size * 9 / 20..size * 11 / 20).map(move |c| at(r, c)));
         mean(lungs) - mean(mediastinum)
@@ -1855,7 +2183,9 @@ mod tests {
 
     #[test]
     fn real_dicoms_decode() {
-        let Some(dir) = require_data("real_dicoms_decode") else { return };
+        let Some(dir) = require_data("real_dicoms_decode") else {
+            return;
+        };
         for (name, width, height) in [
             ("cr-chest-mono1-10bit.dcm", 440, 440),
             ("dx-chest-mono2-8bit-nofinding.dcm", 1024, 1024),
@@ -1867,13 +2197,18 @@ mod tests {
             assert_eq!((img.width, img.height), (width, height), "{name}");
             let out = preprocess(&img, 256).unwrap();
             assert_eq!(min_max(&out), (0.0, 1.0), "{name}");
-            eprintln!("{name}: decode+preprocess {:?} (test profile)", started.elapsed());
+            eprintln!(
+                "{name}: decode+preprocess {:?} (test profile)",
+                started.elapsed()
+            );
         }
     }
 
     #[test]
     fn real_monochrome1_has_monochrome2_polarity() {
-        let Some(dir) = require_data("real_monochrome1_has_monochrome2_polarity") else { return };
+        let Some(dir) = require_data("real_monochrome1_has_monochrome2_polarity") else {
+            return;
+        };
         for name in [
             "cr-chest-mono1-10bit.dcm",
             "dx-chest-mono2-8bit-nofinding.dcm",
@@ -1882,18 +2217,38 @@ mod tests {
             let out = preprocess(&load_real_dicom(&dir, name), 256).unwrap();
             let contrast = lung_minus_mediastinum(&out, 256);
             eprintln!("{name}: lung - mediastinum = {contrast:.3}");
-            assert!(contrast < -0.05, "{name}: lungs must be darker than the mediastinum ({contrast})");
+            assert!(
+                contrast < -0.05,
+                "{name}: lungs must be darker than the mediastinum ({contrast})"
+            );
         }
     }
 
     #[test]
     fn real_dicom_truncations_fail_cleanly() {
-        let Some(dir) = require_data("real_dicom_truncations_fail_cleanly") else { return };
-        for name in ["cr-chest-mono1-10bit.dcm", "cr-chest-mono2-8bit-jpegbaseline.dcm"] {
+        let Some(dir) = require_data("real_dicom_truncations_fail_cleanly") else {
+            return;
+        };
+        for name in [
+            "cr-chest-mono1-10bit.dcm",
+            "cr-chest-mono2-8bit-jpegbaseline.dcm",
+        ] {
             let bytes = std::fs::read(dir.join("dicom").join(name)).unwrap();
-            for cut in [133, 200, 400, 800, 1500, bytes.len() / 3, bytes.len() - 100, bytes.len() - 1] {
+            for cut in [
+                133,
+                200,
+                400,
+                800,
+                1500,
+                bytes.len() / 3,
+                bytes.len() - 100,
+                bytes.len() - 1,
+            ] {
                 if let Err(e) = decode(&bytes[..cut], &Limits::default()) {
-                    assert!(matches!(e.code(), "corrupt_image" | "unsupported_dicom"), "{name}@{cut}: {e}");
+                    assert!(
+                        matches!(e.code(), "corrupt_image" | "unsupported_dicom"),
+                        "{name}@{cut}: {e}"
+                    );
                 }
             }
         }
@@ -1904,7 +2259,9 @@ mod tests {
     #[test]
     #[ignore = "timing report, run in an optimised build"]
     fn timing_real_png() {
-        let Some(dir) = require_data("timing_real_png") else { return };
+        let Some(dir) = require_data("timing_real_png") else {
+            return;
+        };
         let bytes = std::fs::read(cxr_pngs(&dir)[0].clone()).unwrap();
         let median = |f: &mut dyn FnMut()| {
             let mut times: Vec<_> = (0..25)
@@ -1934,7 +2291,9 @@ mod tests {
     #[test]
     #[ignore = "writes images to /tmp for manual inspection"]
     fn dump_preprocessed_for_inspection() {
-        let Some(dir) = require_data("dump_preprocessed_for_inspection") else { return };
+        let Some(dir) = require_data("dump_preprocessed_for_inspection") else {
+            return;
+        };
         for entry in std::fs::read_dir(dir.join("dicom")).unwrap() {
             let path = entry.unwrap().path();
             let out = load_scan(&std::fs::read(&path).unwrap(), &Limits::default(), 256).unwrap();
