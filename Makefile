@@ -7,7 +7,7 @@ VENV := $(PLEURA_CACHE)/venv
 PYTHON := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build test demo services venv fmt clippy clean-tests
+.PHONY: all build test demo services venv libtorch fmt clippy bench
 
 all: build
 
@@ -22,11 +22,26 @@ $(PYTHON):
 
 venv: $(PYTHON)
 
-build:
+# libtorch 2.13 for tch 0.26, from the PyPI torch wheel (the only source that
+# works here); ~540 MB, cached outside the work tree. Only the trainer links it.
+TORCH_VENV := $(PLEURA_CACHE)/torch-venv
+TORCH_DIR := $(TORCH_VENV)/lib/python3.11/site-packages/torch
+$(TORCH_DIR)/lib/libtorch_cpu.so:
+	python3 -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q --disable-pip-version-check --no-deps \
+	  torch==2.13.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+
+libtorch: $(TORCH_DIR)/lib/libtorch_cpu.so
+	@ln -sfn $(TORCH_DIR) .libtorch
+
+build: libtorch
 	$(CARGO) build --workspace --bins
 
-test: services venv build
+test: services venv libtorch build
 	PLEURA_PYTHON=$(PYTHON) $(CARGO) test --workspace -- --test-threads=2
+
+bench:
+	@scripts/bench.sh
 
 demo:
 	@scripts/demo.sh

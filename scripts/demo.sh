@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: services up, build, a model, two workers, the sample scans
+# `make demo`: services up, build, train a quick model on phantoms, two workers, the sample scans
 # through the fleet, the results table, workers stopped.
 #
 # Scans come from $PLEURA_DATA or ../shared/data (real NIH images and DICOMs)
@@ -9,15 +9,23 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-services.sh
 echo "== building"
+make -s libtorch
 cargo build --workspace --bins -q
 BIN=target/debug
 DEMO=target/demo
 mkdir -p "$DEMO"
 export PLEURA_NAMESPACE=${PLEURA_NAMESPACE:-pleura-demo}
 
-echo "== preparing a model"
-"$BIN/pleura" model init --out "$DEMO/model" --seed 0
-echo "   (an untrained bring-up model: its verdicts are not clinical)"
+echo "== training a quick model on phantoms"
+# Synthetic phantoms and a small, fast network: this shows the whole loop
+# (train -> evaluate -> export -> serve) in a few minutes on 2 cores. It is a
+# demo model, not a clinical one: phantoms never stand in for real data.
+rm -rf "$DEMO/phantoms" "$DEMO/models"
+"$BIN/pleura-trainer" synth --out "$DEMO/phantoms" --n 300 --prevalence 0.1 --size 256 --seed 1
+"$BIN/pleura-trainer" train --data "$DEMO/phantoms" --out "$DEMO/models" --width 8 --image-size 128 \
+  --epochs 6 --batch-size 16 --lr 3e-3 --seed 1 --version demo-$(date +%Y%m%d%H%M%S)
+MODEL=$(ls -d "$DEMO"/models/*/ | head -1)
+echo "   model: $MODEL (report: $MODEL/report.md)"
 
 scans=()
 data=${PLEURA_DATA:-../shared/data}
@@ -39,7 +47,7 @@ stop_workers() {
 trap stop_workers EXIT
 for i in 1 2; do
   PLEURA_HTTP_ADDR=127.0.0.1:$((9100 + i)) PLEURA_WORKER_ID=demo-worker-$i PLEURA_INFERENCE_THREADS=1 \
-    "$BIN/pleura-worker" --model "$DEMO/model" 2>"$DEMO/worker$i.log" &
+    "$BIN/pleura-worker" --model "$MODEL" 2>"$DEMO/worker$i.log" &
   pids+=($!)
 done
 for i in 1 2; do

@@ -1,0 +1,841 @@
+//! Export: the trained tch network becomes a model directory the fleet serves.
+//!
+//! The fleet runs ONNX in tract; the trainer trains in tch. The graph is
+//! written by the shared [`pleura::onnx::write_onnx`] from the `VarStore`
+//! tensors ([`crate::model::to_weights`]), so names and layout agree by
+//! construction, but agreement in *numbers* is only established by running
+//! both: [`check_parity`] runs the written bytes in tract exactly the way a
+//! worker does (one image at a time through an optimised plan for
+//! `[1, 1, S, S]`) and compares with `softmax(model(x))` in tch's eval mode.
+//! [`export`] does that check before anything touches the disk, so a model
+//! that tract would compute differently (a batch-norm statistic not copied, a
+//! layout drift, a broken writer) never becomes a version.
+//!
+//! Versions are immutable: [`export`] claims `out/<version>/` with an atomic
+//! `create_dir` and refuses an existing one. The manifest carries golden
+//! cases, inputs regenerated from a seed by [`golden_input`] with the outputs
+//! tract gave for them, so a worker can later prove it computes what the
+//! trainer computed.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+use pleura::manifest::{self, GoldenCase, InputSpec, Manifest, ManifestError, ModelFiles};
+use pleura::onnx::{self, OnnxError, ResNetSpec, Weights};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::nn::ModuleT;
+use tch::{Device, Kind, Tensor};
+
+use crate::model::{self, ModelError, ResNet};
+
+/// Largest tolerated absolute difference between a tract probability and the
+/// matching tch probability. Both compute in f32 with different kernels and
+/// summation orders; for these networks the observed differences are around
+/// 1e-7..1e-6, while a missing or misnamed tensor moves outputs by 1e-2 or more.
+pub const PARITY_TOLERANCE: f32 = 1e-4;
+
+/// Seeds of the golden cases written into every manifest.
+pub const GOLDEN_SEEDS: [u64; 3] = [1, 2, 3];
+
+/// Images per tch forward pass during the parity check: bounds memory for a
+/// large validation batch at full resolution.
+const TCH_CHUNK: usize = 16;
+
+/// Why an export failed. Nothing is written when any of these is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The shared writer refused the spec or the weights.
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    /// The manifest is invalid (threshold, version ...) or writing failed.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Reading the weights out of tch failed (naming or shape mismatch, tch error).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// tract could not load, optimise or run the written graph.
+    #[error("tract: {0}")]
+    Tract(String),
+    /// tract and tch disagree by more than the tolerance.
+    #[error(
+        "parity check failed: tract and tch probabilities differ by up to {max_abs_diff:e} \
+         (tolerance {tolerance:e}); the ONNX graph does not compute what was trained"
+    )]
+    Parity {
+        /// Largest absolute difference over every output (infinite if either side is not finite).
+        max_abs_diff: f32,
+        /// The tolerance it was held to.
+        tolerance: f32,
+    },
+    /// The parity inputs or the requested version are unusable.
+    #[error("invalid export request: {0}")]
+    Invalid(String),
+    /// `out/<version>` already exists; versions are immutable.
+    #[error("{}: version directory already exists (versions are immutable)", dir.display())]
+    VersionExists {
+        /// The existing directory.
+        dir: PathBuf,
+    },
+    /// Creating the output directory failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<tch::TchError> for ExportError {
+    fn from(e: tch::TchError) -> Self {
+        ExportError::Model(ModelError::Tch(e))
+    }
+}
+
+/// tract, isolated here because its prelude's names (`Tensor`, ...) clash
+/// with tch's.
+mod tract_run {
+    use tract_onnx::prelude::*;
+
+    /// An optimised plan for one `[1, C, S, S]` image: the chain
+    /// `pleura::engine::Engine::from_files` builds, so the trainer measures
+    /// the graph the fleet actually runs (an unoptimised plan takes other
+    /// kernels and could hide or invent differences).
+    pub struct Runner {
+        plan: std::sync::Arc<TypedSimplePlan>,
+        shape: [usize; 4],
+    }
+
+    fn err(e: TractError) -> String {
+        format!("{e:#}")
+    }
+
+    impl Runner {
+        pub fn new(onnx: &[u8], channels: usize, size: usize) -> Result<Runner, String> {
+            let shape = [1, channels, size, size];
+            let plan = tract_onnx::onnx()
+                .model_for_read(&mut &onnx[..])
+                .map_err(err)?
+                .with_input_fact(0, f32::fact(shape).into())
+                .map_err(err)?
+                .into_optimized()
+                .map_err(err)?
+                .into_runnable()
+                .map_err(err)?;
+            Ok(Runner { plan, shape })
+        }
+
+        /// Runs one image and returns its output row.
+        pub fn run(&self, image: &[f32]) -> Result<Vec<f32>, String> {
+            let input = Tensor::from_shape(&self.shape, image).map_err(err)?;
+            let out = self.plan.run(tvec![input.into_tvalue()]).map_err(err)?;
+            let view = out[0].to_plain_array_view::<f32>().map_err(err)?;
+            if view.ndim() != 2 || view.shape()[0] != 1 {
+                return Err(format!("output shape {:?}, expected [1, classes]", view.shape()));
+            }
+            Ok(view.iter().copied().collect())
+        }
+    }
+}
+
+use tract_run::Runner;
+
+fn tract_runner(onnx: &[u8], spec: &ResNetSpec) -> Result<Runner, ExportError> {
+    Runner::new(onnx, spec.in_channels as usize, spec.image_size as usize).map_err(ExportError::Tract)
+}
+
+/// Refuses inputs the comparison would be meaningless on: none at all (a
+/// vacuous pass), a wrong length, or non-finite values.
+fn check_inputs(spec: &ResNetSpec, inputs: &[Vec<f32>]) -> Result<(), ExportError> {
+    if inputs.is_empty() {
+        return Err(ExportError::Invalid("no parity inputs: the check would pass vacuously".into()));
+    }
+    let expected = spec.in_channels as usize * spec.image_size as usize * spec.image_size as usize;
+    for (i, x) in inputs.iter().enumerate() {
+        if x.len() != expected {
+            return Err(ExportError::Invalid(format!(
+                "parity input {i} has {} values, the spec needs {expected} ({}x{}x{})",
+                x.len(),
+                spec.in_channels,
+                spec.image_size,
+                spec.image_size
+            )));
+        }
+        if let Some(j) = x.iter().position(|v| !v.is_finite()) {
+            return Err(ExportError::Invalid(format!("parity input {i} is not finite at index {j}")));
+        }
+    }
+    Ok(())
+}
+
+/// `softmax(model(x))` in eval mode for every input, row-major `[n, classes]`.
+fn tch_probabilities(
+    model: &ResNet,
+    device: Device,
+    spec: &ResNetSpec,
+    inputs: &[Vec<f32>],
+) -> Result<Vec<f32>, ExportError> {
+    let _no_grad = tch::no_grad_guard();
+    let (c, s) = (spec.in_channels, spec.image_size as i64);
+    let mut out = Vec::with_capacity(inputs.len() * spec.num_classes as usize);
+    for chunk in inputs.chunks(TCH_CHUNK) {
+        let flat: Vec<f32> = chunk.concat();
+        let n = chunk.len() as i64;
+        let x = Tensor::f_from_slice(&flat)?
+            .f_view([n, c, s, s])?
+            .f_to_device(device)?;
+        let probs = model.forward_t(&x, false).f_softmax(-1, Kind::Float)?;
+        if probs.size() != [n, spec.num_classes] {
+            return Err(ExportError::Invalid(format!(
+                "tch model output has shape {:?}, expected [{n}, {}]: model and spec disagree",
+                probs.size(),
+                spec.num_classes
+            )));
+        }
+        out.extend(model::to_f32_vec(&probs)?);
+    }
+    Ok(out)
+}
+
+fn parity_with(
+    runner: &Runner,
+    model: &ResNet,
+    device: Device,
+    spec: &ResNetSpec,
+    inputs: &[Vec<f32>],
+) -> Result<f32, ExportError> {
+    check_inputs(spec, inputs)?;
+    let reference = tch_probabilities(model, device, spec, inputs)?;
+    let classes = spec.num_classes as usize;
+    let mut max_abs_diff = 0f32;
+    for (i, (image, want)) in inputs.iter().zip(reference.chunks(classes)).enumerate() {
+        let got = runner.run(image).map_err(ExportError::Tract)?;
+        if got.len() != classes {
+            return Err(ExportError::Tract(format!(
+                "input {i}: tract gave {} outputs, expected {classes}",
+                got.len()
+            )));
+        }
+        for (g, w) in got.iter().zip(want) {
+            let d = (g - w).abs();
+            // A NaN on either side must fail, and `f32::max` would drop it.
+            max_abs_diff = if d.is_finite() { max_abs_diff.max(d) } else { f32::INFINITY };
+        }
+    }
+    tracing::info!(
+        inputs = inputs.len(),
+        max_abs_diff,
+        tolerance = PARITY_TOLERANCE,
+        "parity: tract vs tch"
+    );
+    if max_abs_diff > PARITY_TOLERANCE {
+        return Err(ExportError::Parity {
+            max_abs_diff,
+            tolerance: PARITY_TOLERANCE,
+        });
+    }
+    Ok(max_abs_diff)
+}
+
+/// Runs `onnx` in tract on each of `inputs` (each `in_channels * size * size`
+/// f32 values in [0, 1]) one image at a time through an optimised
+/// `[1, C, S, S]` plan, as the fleet does, and compares with
+/// `softmax(model(x))` computed by tch in eval mode on `device`.
+///
+/// Returns the largest absolute difference over all outputs. Above
+/// [`PARITY_TOLERANCE`] (or not finite) it is [`ExportError::Parity`]. No
+/// inputs, or inputs of the wrong length, are [`ExportError::Invalid`].
+/// `model` must have been built from `spec`.
+pub fn check_parity(
+    model: &ResNet,
+    device: Device,
+    spec: &ResNetSpec,
+    onnx: &[u8],
+    inputs: &[Vec<f32>],
+) -> Result<f32, ExportError> {
+    check_inputs(spec, inputs)?;
+    let runner = tract_runner(onnx, spec)?;
+    parity_with(&runner, model, device, spec, inputs)
+}
+
+/// The golden-case input for `seed`: a `size * size` grayscale image, a few
+/// soft blobs over a gentle gradient, min-max scaled to [0, 1] as the
+/// preprocessing scales real scans (so the minimum is 0 and the maximum 1).
+///
+/// This is the one definition; a canary that regenerates the input must call
+/// it (or reproduce it exactly). It is deterministic on every platform: the
+/// parameters come from ChaCha8 (`seed_from_u64`) via `next_u64` turned into
+/// a 53-bit fraction, and the image uses only `+ - * /` in f64, no
+/// transcendental functions whose last bit could vary between libms.
+pub fn golden_input(seed: u64, size: u32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut unit = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let (gx, gy) = (unit() * 2.0 - 1.0, unit() * 2.0 - 1.0);
+    // (centre x, centre y, radius, amplitude)
+    let blobs: Vec<(f64, f64, f64, f64)> = (0..4)
+        .map(|_| (unit(), unit(), 0.15 + 0.35 * unit(), unit() * 4.0 - 2.0))
+        .collect();
+    let s = size as usize;
+    let mut raw = Vec::with_capacity(s * s);
+    for iy in 0..s {
+        let y = (iy as f64 + 0.5) / s as f64;
+        for ix in 0..s {
+            let x = (ix as f64 + 0.5) / s as f64;
+            let mut v = gx * x + gy * y;
+            for &(cx, cy, r, a) in &blobs {
+                let t = ((x - cx) * (x - cx) + (y - cy) * (y - cy)) / (r * r);
+                if t < 1.0 {
+                    // (1 - t)^2: smooth (C1) bump of radius r.
+                    v += a * (1.0 - t) * (1.0 - t);
+                }
+            }
+            raw.push(v);
+        }
+    }
+    let lo = raw.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let range = hi - lo;
+    raw.into_iter()
+        .map(|v| if range > 0.0 { ((v - lo) / range) as f32 } else { 0.0 })
+        .collect()
+}
+
+/// What to export.
+pub struct ExportRequest<'a> {
+    /// The network's shape; the model must have been built from it.
+    pub spec: &'a ResNetSpec,
+    /// Decision threshold on `p_effusion`, chosen on validation; strictly in (0, 1).
+    pub threshold: f32,
+    /// Validation metrics, stored as `manifest.metrics` (`null` stores nothing).
+    pub metrics: serde_json::Value,
+    /// Training configuration, data summary and code revision, stored as
+    /// `manifest.training` (`null` stores nothing).
+    pub training: serde_json::Value,
+    /// Preprocessed images for the parity check (a validation batch); at least one.
+    pub parity_inputs: &'a [Vec<f32>],
+    /// Version, `[A-Za-z0-9._-]{1,64}`. `None` generates
+    /// `effusion-YYYYMMDDTHHMMSSZ-<first 8 hex of the ONNX sha256>`.
+    pub version: Option<String>,
+}
+
+/// A written model directory.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// `out/<version>`, holding `model.onnx` and `model.json`.
+    pub dir: PathBuf,
+    /// The manifest as written.
+    pub manifest: Manifest,
+    /// Largest tract-vs-tch probability difference on the parity inputs.
+    pub parity_max_abs_diff: f32,
+}
+
+/// The manifest's version rule, checked before the version becomes a path
+/// component: `.` and `..` pass the charset but would name `out` or its parent.
+fn check_version(v: &str) -> Result<(), ExportError> {
+    let ok = (1..=manifest::MAX_VERSION_LEN).contains(&v.len())
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && v != "."
+        && v != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(ExportError::Invalid(format!(
+            "version {v:?} must be 1..={} characters of [A-Za-z0-9._-] (and not . or ..)",
+            manifest::MAX_VERSION_LEN
+        )))
+    }
+}
+
+/// `effusion-20250102T030405Z-1a2b3c4d`: sortable by time, unique per weights.
+fn generated_version(created_at: &str, sha256: &str) -> String {
+    let stamp: String = created_at.chars().filter(|c| *c != '-' && *c != ':').collect();
+    format!("effusion-{stamp}-{}", &sha256[..8])
+}
+
+fn null_to_none(v: &serde_json::Value) -> Option<serde_json::Value> {
+    (!v.is_null()).then(|| v.clone())
+}
+
+/// Exports `model` (whose variables live in `vs`) as `out/<version>/`.
+///
+/// Order matters: the weights are read out of `vs` and written by the shared
+/// ONNX writer in memory; the version directory is checked to be free; tract
+/// must agree with tch on `req.parity_inputs` ([`check_parity`]); the golden
+/// cases are computed with tract; the complete manifest is validated; only
+/// then is `out/<version>` created (atomically claimed, so a concurrent
+/// export of the same version loses cleanly) and filled through
+/// [`ModelFiles::write_dir`]. Any error before the claim leaves the disk
+/// untouched; a failure while writing removes the half-written directory.
+pub fn export(
+    model: &ResNet,
+    vs: &tch::nn::VarStore,
+    device: Device,
+    req: &ExportRequest,
+    out: &Path,
+) -> Result<Exported, ExportError> {
+    export_with(model, vs, device, req, out, |_| {})
+}
+
+/// [`export`] with a hook between reading the weights and writing the graph,
+/// so tests can corrupt one tensor and watch the parity check refuse it.
+fn export_with(
+    model: &ResNet,
+    vs: &tch::nn::VarStore,
+    device: Device,
+    req: &ExportRequest,
+    out: &Path,
+    tamper: impl FnOnce(&mut Weights),
+) -> Result<Exported, ExportError> {
+    let spec = req.spec;
+    spec.validate()?;
+    if let Some(v) = &req.version {
+        check_version(v)?;
+    }
+    check_inputs(spec, req.parity_inputs)?;
+
+    let mut weights = model::to_weights(vs, spec)?;
+    tamper(&mut weights);
+    let onnx = onnx::write_onnx(spec, &weights)?;
+    let sha256 = manifest::sha256_hex(&onnx);
+    let created_at = manifest::rfc3339_seconds(SystemTime::now());
+    let version = match &req.version {
+        Some(v) => v.clone(),
+        None => generated_version(&created_at, &sha256),
+    };
+    let dir = out.join(&version);
+    // Cheap early refusal; the atomic claim below is what actually guarantees it.
+    if dir.symlink_metadata().is_ok() {
+        return Err(ExportError::VersionExists { dir });
+    }
+
+    let runner = tract_runner(&onnx, spec)?;
+    let parity = parity_with(&runner, model, device, spec, req.parity_inputs)?;
+    let golden = GOLDEN_SEEDS
+        .iter()
+        .map(|&seed| {
+            let expected = runner
+                .run(&golden_input(seed, spec.image_size))
+                .map_err(ExportError::Tract)?;
+            Ok(GoldenCase {
+                name: format!("smooth-{seed}"),
+                input_seed: seed,
+                expected,
+            })
+        })
+        .collect::<Result<Vec<_>, ExportError>>()?;
+
+    let channels = u32::try_from(spec.in_channels)
+        .map_err(|_| ExportError::Invalid(format!("in_channels {} is out of range", spec.in_channels)))?;
+    let files = ModelFiles {
+        manifest: Manifest {
+            schema: manifest::SCHEMA_VERSION,
+            version,
+            sha256,
+            created_at,
+            input: InputSpec {
+                size: spec.image_size,
+                channels,
+                name: onnx::INPUT_NAME.into(),
+            },
+            output: onnx::OUTPUT_NAME.into(),
+            normalisation: manifest::NORMALISATION_MINMAX.into(),
+            labels: manifest::LABELS.iter().map(|s| s.to_string()).collect(),
+            threshold: req.threshold,
+            trained: true,
+            spec: spec.clone(),
+            metrics: null_to_none(&req.metrics),
+            training: null_to_none(&req.training),
+            golden,
+        },
+        onnx,
+    };
+    // Everything write_dir would refuse is refused before the directory exists.
+    files.verify()?;
+
+    fs::create_dir_all(out).map_err(|source| ExportError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(ExportError::VersionExists { dir })
+        }
+        Err(source) => return Err(ExportError::Io { path: dir, source }),
+    }
+    if let Err(e) = files.write_dir(&dir) {
+        // This call created `dir` just above, so nothing else lives in it.
+        let _ = fs::remove_dir_all(&dir);
+        return Err(e.into());
+    }
+    tracing::info!(
+        dir = %dir.display(),
+        version = %files.manifest.version,
+        parity_max_abs_diff = parity,
+        "exported model"
+    );
+    Ok(Exported {
+        dir,
+        manifest: files.manifest,
+        parity_max_abs_diff: parity,
+    })
+}
+
+/// The source revision the trainer was built from: `git rev-parse --short
+/// HEAD` in the crate's source directory, with `-dirty` appended when `git
+/// status --porcelain` lists anything (or cannot tell). `None` when git or the
+/// checkout is unavailable, e.g. a binary run away from its source tree.
+pub fn code_revision() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").args(args).current_dir(dir).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let sha = git(&["rev-parse", "--short", "HEAD"]).filter(|s| !s.is_empty())?;
+    let dirty = git(&["status", "--porcelain"]).is_none_or(|s| !s.is_empty());
+    Some(if dirty { format!("{sha}-dirty") } else { sha })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pleura::engine::Engine;
+    use rand::Rng;
+    use tch::nn;
+
+    fn tiny(size: u32) -> ResNetSpec {
+        ResNetSpec {
+            image_size: size,
+            ..ResNetSpec::with_width(4)
+        }
+    }
+
+    fn random_images(n: usize, size: u32, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| (0..size * size).map(|_| rng.random::<f32>()).collect())
+            .collect()
+    }
+
+    /// Parity inputs: noise plus smooth images (the two stress different paths).
+    fn parity_inputs(size: u32) -> Vec<Vec<f32>> {
+        let mut v = random_images(3, size, 9);
+        v.extend([11, 12, 13].map(|s| golden_input(s, size)));
+        v
+    }
+
+    fn build(spec: &ResNetSpec, seed: i64) -> (nn::VarStore, ResNet) {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = ResNet::new(&vs.root(), spec);
+        (vs, m)
+    }
+
+    fn request<'a>(spec: &'a ResNetSpec, inputs: &'a [Vec<f32>], version: Option<&str>) -> ExportRequest<'a> {
+        ExportRequest {
+            spec,
+            threshold: 0.3,
+            metrics: serde_json::json!({"auroc": 0.5}),
+            training: serde_json::json!({"epochs": 0, "code_revision": code_revision()}),
+            parity_inputs: inputs,
+            version: version.map(str::to_string),
+        }
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Runs the golden cases of an exported directory the way a canary would:
+    /// verified files, the engine's plan chain, the regenerated input.
+    fn assert_golden_reproduces(dir: &Path) {
+        let engine = Engine::load(dir).unwrap();
+        let files = ModelFiles::read_dir(dir).unwrap();
+        let spec = &files.manifest.spec;
+        assert_eq!(engine.manifest(), &files.manifest);
+        assert_eq!(files.manifest.golden.len(), GOLDEN_SEEDS.len());
+        // Engine has no public single-image run, so tract directly with its chain.
+        let runner = tract_runner(&files.onnx, spec).unwrap();
+        for g in &files.manifest.golden {
+            let got = runner.run(&golden_input(g.input_seed, spec.image_size)).unwrap();
+            let diff = got
+                .iter()
+                .zip(&g.expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-6, "{}: {got:?} vs {:?}", g.name, g.expected);
+            assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn export_of_random_model_passes_parity_and_loads() {
+        let spec = tiny(32);
+        let (vs, m) = build(&spec, 1);
+        let inputs = parity_inputs(32);
+        let tmp = tempfile::tempdir().unwrap();
+        let req = request(&spec, &inputs, None);
+        let e = export(&m, &vs, Device::Cpu, &req, tmp.path()).unwrap();
+        eprintln!("random init @32: parity max abs diff {:e}", e.parity_max_abs_diff);
+        assert!(e.parity_max_abs_diff <= PARITY_TOLERANCE);
+
+        let man = &e.manifest;
+        assert_eq!(e.dir, tmp.path().join(&man.version));
+        assert!(man.version.starts_with("effusion-"), "{}", man.version);
+        assert_eq!(man.version.len(), "effusion-20250102T030405Z-1a2b3c4d".len());
+        assert!(man.version.ends_with(&man.sha256[..8]));
+        assert!(humantime::parse_rfc3339(&man.created_at).is_ok());
+        assert!(man.trained);
+        assert_eq!(man.threshold, 0.3);
+        assert_eq!(man.input.size, 32);
+        assert_eq!(&man.spec, &spec);
+        assert_eq!(man.metrics, Some(serde_json::json!({"auroc": 0.5})));
+        assert_eq!(man.training.as_ref().unwrap()["epochs"], 0);
+        assert_eq!(
+            man.golden.iter().map(|g| g.input_seed).collect::<Vec<_>>(),
+            GOLDEN_SEEDS.to_vec()
+        );
+        assert_eq!(entries(&e.dir), vec!["model.json", "model.onnx"]);
+
+        let engine = Engine::load(&e.dir).unwrap();
+        assert_eq!(engine.version(), man.version);
+        assert_eq!(engine.manifest(), man);
+        assert_golden_reproduces(&e.dir);
+    }
+
+    /// The golden expectations are tract's, and tch agrees with them too.
+    #[test]
+    fn golden_cases_match_tch() {
+        let spec = tiny(64);
+        let (vs, m) = build(&spec, 2);
+        let inputs = parity_inputs(64);
+        let tmp = tempfile::tempdir().unwrap();
+        let e = export(&m, &vs, Device::Cpu, &request(&spec, &inputs, Some("golden-1")), tmp.path()).unwrap();
+        assert_eq!(e.dir, tmp.path().join("golden-1"));
+        assert_golden_reproduces(&e.dir);
+        let golden: Vec<Vec<f32>> = GOLDEN_SEEDS.iter().map(|&s| golden_input(s, 64)).collect();
+        let reference = tch_probabilities(&m, Device::Cpu, &spec, &golden).unwrap();
+        for (g, want) in e.manifest.golden.iter().zip(reference.chunks(2)) {
+            for (a, b) in g.expected.iter().zip(want) {
+                assert!((a - b).abs() <= PARITY_TOLERANCE, "{g:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn perturbed_weight_fails_parity_and_writes_nothing() {
+        let spec = tiny(32);
+        let (vs, m) = build(&spec, 3);
+        let inputs = parity_inputs(32);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("models");
+        let req = request(&spec, &inputs, Some("broken-1"));
+        let err = export_with(&m, &vs, Device::Cpu, &req, &out, |w| {
+            w.get_mut("fc.bias").unwrap().data[0] += 1.0;
+        })
+        .unwrap_err();
+        match err {
+            ExportError::Parity {
+                max_abs_diff,
+                tolerance,
+            } => {
+                eprintln!("fc.bias[0] += 1: parity max abs diff {max_abs_diff:e}");
+                assert!(max_abs_diff > tolerance);
+                assert_eq!(tolerance, PARITY_TOLERANCE);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!out.exists(), "nothing may be written: {:?}", entries(&out));
+
+        // The same through check_parity with bytes from perturbed weights: a
+        // single batch-norm running statistic, the kind of tensor a careless
+        // export forgets.
+        let mut w = model::to_weights(&vs, &spec).unwrap();
+        assert!(check_parity(&m, Device::Cpu, &spec, &onnx::write_onnx(&spec, &w).unwrap(), &inputs).is_ok());
+        w.get_mut("layer1.0.bn2.running_mean").unwrap().data[1] = 3.0;
+        let bytes = onnx::write_onnx(&spec, &w).unwrap();
+        match check_parity(&m, Device::Cpu, &spec, &bytes, &inputs) {
+            Err(ExportError::Parity { max_abs_diff, .. }) => {
+                eprintln!("running_mean perturbed: parity max abs diff {max_abs_diff:e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parity_holds_after_training_steps() {
+        let spec = tiny(64);
+        let (vs, m) = build(&spec, 4);
+        let mut opt = {
+            use tch::nn::OptimizerConfig;
+            nn::Sgd {
+                momentum: 0.9,
+                ..Default::default()
+            }
+            .build(&vs, 0.05)
+            .unwrap()
+        };
+        let images = random_images(8, 64, 21);
+        let flat: Vec<f32> = images.concat();
+        let x = Tensor::from_slice(&flat).view([8, 1, 64, 64]);
+        // A learnable signal: label by mean brightness of the left half.
+        let labels: Vec<i64> = images
+            .iter()
+            .map(|im| {
+                let left: f32 = im.chunks(64).flat_map(|row| &row[..32]).sum();
+                i64::from(left > 32.0 * 64.0 * 0.5)
+            })
+            .collect();
+        let y = Tensor::from_slice(&labels);
+        for _ in 0..5 {
+            let loss = m.forward_t(&x, true).cross_entropy_for_logits(&y);
+            opt.backward_step(&loss);
+        }
+        // BN statistics moved away from their (0, 1) start, in every layer.
+        let w = model::to_weights(&vs, &spec).unwrap();
+        for (name, t) in w.iter() {
+            if name.ends_with("running_mean") {
+                assert!(t.data.iter().any(|v| v.abs() > 1e-3), "{name} still zero");
+            }
+            if name.ends_with("running_var") {
+                assert!(t.data.iter().any(|v| (v - 1.0).abs() > 1e-3), "{name} still one");
+            }
+        }
+        let inputs = parity_inputs(64);
+        let tmp = tempfile::tempdir().unwrap();
+        let e = export(&m, &vs, Device::Cpu, &request(&spec, &inputs, Some("trained-1")), tmp.path()).unwrap();
+        eprintln!("after 5 SGD steps @64: parity max abs diff {:e}", e.parity_max_abs_diff);
+        assert!(e.parity_max_abs_diff <= PARITY_TOLERANCE);
+        assert_golden_reproduces(&e.dir);
+    }
+
+    #[test]
+    fn existing_version_is_refused_and_left_alone() {
+        let spec = tiny(32);
+        let (vs, m) = build(&spec, 5);
+        let inputs = parity_inputs(32);
+        let tmp = tempfile::tempdir().unwrap();
+        let req = request(&spec, &inputs, Some("v1"));
+        let first = export(&m, &vs, Device::Cpu, &req, tmp.path()).unwrap();
+        let before = fs::read(first.dir.join(manifest::MANIFEST_FILE)).unwrap();
+        match export(&m, &vs, Device::Cpu, &req, tmp.path()) {
+            Err(ExportError::VersionExists { dir }) => assert_eq!(dir, first.dir),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fs::read(first.dir.join(manifest::MANIFEST_FILE)).unwrap(), before);
+
+        // An unrelated existing entry (even an empty dir or a file) also blocks.
+        fs::create_dir(tmp.path().join("v2")).unwrap();
+        fs::write(tmp.path().join("v3"), b"x").unwrap();
+        for v in ["v2", "v3"] {
+            let req = request(&spec, &inputs, Some(v));
+            assert!(matches!(
+                export(&m, &vs, Device::Cpu, &req, tmp.path()),
+                Err(ExportError::VersionExists { .. })
+            ));
+        }
+        assert_eq!(entries(&tmp.path().join("v2")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn bad_requests_are_refused_before_writing() {
+        let spec = tiny(32);
+        let (vs, m) = build(&spec, 6);
+        let inputs = parity_inputs(32);
+        let tmp = tempfile::tempdir().unwrap();
+        for v in ["..", ".", "a/b", "", "x y", "a".repeat(65).as_str()] {
+            let req = request(&spec, &inputs, Some(v));
+            assert!(
+                matches!(export(&m, &vs, Device::Cpu, &req, tmp.path()), Err(ExportError::Invalid(_))),
+                "{v:?}"
+            );
+        }
+        let none: Vec<Vec<f32>> = Vec::new();
+        assert!(matches!(
+            export(&m, &vs, Device::Cpu, &request(&spec, &none, Some("a")), tmp.path()),
+            Err(ExportError::Invalid(_))
+        ));
+        let short = vec![vec![0.5f32; 31 * 31]];
+        assert!(matches!(
+            export(&m, &vs, Device::Cpu, &request(&spec, &short, Some("a")), tmp.path()),
+            Err(ExportError::Invalid(_))
+        ));
+        let mut req = request(&spec, &inputs, Some("a"));
+        req.threshold = 1.0;
+        assert!(matches!(
+            export(&m, &vs, Device::Cpu, &req, tmp.path()),
+            Err(ExportError::Manifest(ManifestError::Invalid(_)))
+        ));
+        // A VarStore from another spec: the weights do not fit.
+        let other = tiny(32);
+        let (vs8, _m8) = build(&ResNetSpec { image_size: 32, ..ResNetSpec::with_width(8) }, 6);
+        assert!(matches!(
+            export(&m, &vs8, Device::Cpu, &request(&other, &inputs, Some("a")), tmp.path()),
+            Err(ExportError::Model(ModelError::ShapeMismatch { .. }))
+        ));
+        assert_eq!(entries(tmp.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn golden_input_is_deterministic_smooth_and_normalised() {
+        let a = golden_input(1, 64);
+        assert_eq!(a, golden_input(1, 64));
+        assert_ne!(a, golden_input(2, 64));
+        assert_eq!(a.len(), 64 * 64);
+        assert!(a.iter().all(|v| (0.0..=1.0).contains(v)));
+        assert_eq!(a.iter().copied().fold(f32::INFINITY, f32::min), 0.0);
+        assert_eq!(a.iter().copied().fold(f32::NEG_INFINITY, f32::max), 1.0);
+        // Smooth: neighbouring pixels are close (noise would jump by ~0.3).
+        let jump = a
+            .chunks(64)
+            .flat_map(|row| row.windows(2).map(|w| (w[0] - w[1]).abs()))
+            .fold(0f32, f32::max);
+        assert!(jump < 0.2, "max horizontal step {jump}");
+        // Pinned values: the canary regenerates this input elsewhere, so a
+        // change here is a contract change, not a refactor.
+        let pin = golden_input(1, 32);
+        let checksum: f64 = pin.iter().enumerate().map(|(i, v)| (i % 7 + 1) as f64 * *v as f64).sum();
+        eprintln!("golden_input(1, 32) checksum {checksum:.6}, first {:?}", &pin[..4]);
+        assert!(golden_input(0, 1) == vec![0.0]);
+        assert!(golden_input(5, 0).is_empty());
+    }
+
+    #[test]
+    fn version_rules() {
+        assert_eq!(
+            generated_version("2025-01-02T03:04:05Z", "1a2b3c4d5e6f"),
+            "effusion-20250102T030405Z-1a2b3c4d"
+        );
+        assert!(check_version("effusion-20250102T030405Z-1a2b3c4d").is_ok());
+        assert!(check_version("a.b_c-1").is_ok());
+        assert!(check_version("..").is_err());
+        assert!(check_version("a/b").is_err());
+    }
+
+    #[test]
+    fn code_revision_names_the_checkout() {
+        let git_works = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .is_ok_and(|o| o.status.success());
+        match code_revision() {
+            Some(rev) => {
+                let sha = rev.strip_suffix("-dirty").unwrap_or(&rev);
+                assert!(sha.len() >= 4 && sha.bytes().all(|b| b.is_ascii_hexdigit()), "{rev}");
+            }
+            None => assert!(!git_works, "git works here but code_revision gave None"),
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The Pleura trainer: retrains the effusion ResNet with tch (libtorch),
+//! evaluates it on what matters for a 1-in-10 finding (recall, precision,
+//! AUROC, a threshold chosen for recall), and exports ONNX that the fleet
+//! serves, after checking tract agrees with tch.
+//!
+//! It reuses the shared contract and copies none of it: decoding and
+//! preprocessing (`pleura::preprocess::load_scan`), the network shape
+//! (`pleura::onnx::ResNetSpec`), the ONNX writer and the model manifest.
+//!
+//! # Layout
+//!
+//! - [`data`]: dataset discovery, patient-aware splits, background loading
+//!   with a bounded prefetch queue and a decoded-image cache.
+//! - [`augment`]: CXR-safe augmentation (no vertical flips, no centre crops).
+//! - [`model`]: the ResNet in tch, built from `ResNetSpec` with the writer's names.
+//! - [`train`]: the training loop, class weights, schedules, ablation check.
+//! - [`metrics`]: AUROC, PR-AUC, threshold for a target recall, confusion matrix.
+//! - [`export`]: parity check (tract vs tch) and the model directory.
+//! - [`report`]: `report.json`, plots and `report.md`.
+
+pub mod augment;
+pub mod data;
+pub mod export;
+pub mod metrics;
+pub mod model;
+pub mod report;
+pub mod train;

@@ -1,0 +1,610 @@
+//! The training loop.
+//!
+//! Effusion is about one scan in ten, so plain cross-entropy lets a model
+//! score 90% by calling everything "nofinding". The loss is therefore
+//! class-weighted (inverse training frequency by default), the epoch kept is
+//! the one with the best validation AUROC, and the decision threshold is the
+//! highest one that still reaches the target recall on validation.
+//!
+//! `--ablation N` is the seed's fail-fast check: train on N images without
+//! augmentation and require 100% training accuracy. A pipeline that cannot
+//! overfit 16 images has a bug (labels, loss, learning rate); better to learn
+//! that in a minute than after a night of training.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use pleura::onnx::ResNetSpec;
+use pleura::preprocess::Limits;
+
+use crate::augment::AugmentConfig;
+use crate::data::{self, Batch, DataError, Loader, Sample};
+use crate::export::{self, ExportError, ExportRequest, Exported};
+use crate::metrics::{self, Evaluation};
+use crate::model::{self, ModelError, ResNet};
+use crate::report::{self, EpochRecord, Report};
+
+/// How the two classes are weighted in the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum ClassWeights {
+    /// Inverse training frequency, normalised so the weights average 1.
+    Auto,
+    /// Plain, unweighted cross-entropy.
+    None,
+    /// Explicit weights for (effusion, nofinding).
+    Manual(f64, f64),
+}
+
+impl std::str::FromStr for ClassWeights {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ClassWeights::Auto),
+            "none" => Ok(ClassWeights::None),
+            other => {
+                let (a, b) = other
+                    .split_once(',')
+                    .ok_or_else(|| format!("class weights {other:?}: expected auto, none or A,B"))?;
+                let parse = |v: &str| v.trim().parse::<f64>().map_err(|e| format!("class weight {v:?}: {e}"));
+                let (a, b) = (parse(a)?, parse(b)?);
+                if !(a > 0.0 && b > 0.0) {
+                    return Err("class weights must be positive".into());
+                }
+                Ok(ClassWeights::Manual(a, b))
+            }
+        }
+    }
+}
+
+/// Learning-rate schedule over epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Schedule {
+    /// Constant learning rate.
+    Constant,
+    /// Cosine decay from the initial rate to zero at the last epoch.
+    Cosine,
+    /// Multiply by `gamma` every `every` epochs.
+    Step {
+        /// Epochs between decays.
+        every: usize,
+        /// Decay factor.
+        gamma: f64,
+    },
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "constant" | "none" => Ok(Schedule::Constant),
+            "cosine" => Ok(Schedule::Cosine),
+            other => {
+                // step:EVERY:GAMMA, e.g. step:5:0.5
+                let parts: Vec<&str> = other.split(':').collect();
+                match parts.as_slice() {
+                    ["step", every, gamma] => Ok(Schedule::Step {
+                        every: every.parse().map_err(|e| format!("step every: {e}"))?,
+                        gamma: gamma.parse().map_err(|e| format!("step gamma: {e}"))?,
+                    }),
+                    _ => Err(format!("schedule {other:?}: expected constant, cosine or step:EVERY:GAMMA")),
+                }
+            }
+        }
+    }
+}
+
+impl Schedule {
+    /// Learning rate for `epoch` (0-based) of `epochs`.
+    pub fn lr(&self, base: f64, epoch: usize, epochs: usize) -> f64 {
+        match *self {
+            Schedule::Constant => base,
+            Schedule::Cosine => {
+                let t = epoch as f64 / epochs.max(1) as f64;
+                base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+            Schedule::Step { every, gamma } => base * gamma.powi((epoch / every.max(1)) as i32),
+        }
+    }
+}
+
+/// Everything a training run is told.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainConfig {
+    /// Dataset root with `effusion/` and `nofinding/` (and optionally `labels.csv`).
+    pub data: PathBuf,
+    /// Output root; the model goes to `out/<version>/`.
+    pub out: PathBuf,
+    /// Training epochs.
+    pub epochs: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Width of the first stage (64 = the seed's ResNet-18).
+    pub width: i64,
+    /// Side of the square input.
+    pub image_size: u32,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Adam weight decay.
+    pub weight_decay: f64,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Loss class weights.
+    pub class_weights: ClassWeights,
+    /// Recall the decision threshold must reach on validation.
+    pub target_recall: f64,
+    /// Fail-fast overfit check on this many images instead of a real run.
+    pub ablation: Option<usize>,
+    /// `auto`, `cpu` or `cuda`.
+    pub device: String,
+    /// Seed of everything random: split, shuffles, augmentation, weights.
+    pub seed: u64,
+    /// Share of images held out for validation.
+    pub val_fraction: f64,
+    /// Augment training images (CXR-safe).
+    pub augment: bool,
+    /// Background decoding threads.
+    pub loader_threads: usize,
+    /// Model version; generated when absent.
+    pub version: Option<String>,
+    /// Draw the progress bar (on a terminal).
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: PathBuf::new(),
+            out: PathBuf::from("models"),
+            epochs: 10,
+            batch_size: 16,
+            width: 64,
+            image_size: 256,
+            lr: 1e-3,
+            weight_decay: 1e-4,
+            schedule: Schedule::Cosine,
+            class_weights: ClassWeights::Auto,
+            target_recall: 0.90,
+            ablation: None,
+            device: "auto".into(),
+            seed: 0,
+            val_fraction: 0.2,
+            augment: true,
+            loader_threads: 2,
+            version: None,
+            progress: true,
+        }
+    }
+}
+
+/// Why training stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The dataset could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The model or device could not be set up.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Export failed (including a failed parity check).
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// The report could not be written.
+    #[error("report: {0}")]
+    Report(String),
+    /// The ablation check failed: the set-up cannot even overfit a handful of images.
+    #[error(
+        "ABLATION FAILED: after {epochs} epochs the model reaches only {accuracy:.1}% training accuracy on {n} images \
+         (needs 100%). A healthy set-up overfits this easily; check the labels, the loss, and the learning rate ({lr})."
+    )]
+    AblationFailed {
+        /// Images trained on.
+        n: usize,
+        /// Epochs run.
+        epochs: usize,
+        /// Best training accuracy reached, in percent.
+        accuracy: f64,
+        /// Learning rate used.
+        lr: f64,
+    },
+    /// A configuration value makes no sense.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// libtorch failed.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// The exported model; `None` for an ablation run.
+    pub exported: Option<Exported>,
+    /// The report written beside the model (or in `out/ablation-*/`).
+    pub report: Report,
+    /// Directory holding the report.
+    pub report_dir: PathBuf,
+}
+
+/// Runs a training (or ablation) run end to end.
+pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
+    validate(cfg)?;
+    let started = Instant::now();
+    tch::manual_seed(cfg.seed as i64);
+    let device = model::device_from(&cfg.device)?;
+    let spec = ResNetSpec { image_size: cfg.image_size, ..ResNetSpec::with_width(cfg.width) };
+    let mut dataset = data::scan_dataset(&cfg.data)?;
+    if let Some(n) = cfg.ablation {
+        dataset = data::subsample(&dataset, n, cfg.seed);
+    }
+
+    let (train_set, val_set, split_summary) = if cfg.ablation.is_some() {
+        // The ablation trains and measures on the same few images: the
+        // question is only whether the set-up can learn them at all.
+        (dataset.samples.clone(), dataset.samples.clone(), None)
+    } else {
+        let s = data::split(&dataset, cfg.val_fraction, cfg.seed);
+        (s.train, s.val, Some(s.summary))
+    };
+    let n_train_pos = train_set.iter().filter(|s| s.effusion).count();
+    let n_val_pos = val_set.iter().filter(|s| s.effusion).count();
+    let weights = class_weights(cfg.class_weights, n_train_pos, train_set.len() - n_train_pos);
+    tracing::info!(
+        train = train_set.len(),
+        train_effusion = n_train_pos,
+        val = val_set.len(),
+        val_effusion = n_val_pos,
+        weight_effusion = weights[0],
+        weight_nofinding = weights[1],
+        ?device,
+        "data ready"
+    );
+
+    let limits = Limits::default();
+    let train_loader = Loader::new(train_set.clone(), cfg.image_size, limits, cfg.loader_threads, 4);
+    let val_loader = Loader::new(val_set.clone(), cfg.image_size, limits, cfg.loader_threads, 4);
+
+    let mut vs = nn::VarStore::new(device);
+    let net = ResNet::new(&vs.root(), &spec);
+    let mut best_vs = nn::VarStore::new(device);
+    let _shadow = ResNet::new(&best_vs.root(), &spec);
+    let mut opt = nn::Adam { wd: cfg.weight_decay, ..Default::default() }.build(&vs, cfg.lr)?;
+    let loss_weights = Tensor::from_slice(&[weights[0] as f32, weights[1] as f32]).to_device(device);
+
+    let augment = (cfg.augment && cfg.ablation.is_none()).then(AugmentConfig::default);
+    let epochs = cfg.epochs;
+    let mut records: Vec<EpochRecord> = Vec::new();
+    let mut best: Option<(usize, Evaluation, Vec<f32>)> = None;
+    let mut best_ablation_acc = 0.0f64;
+
+    for epoch in 0..epochs {
+        let lr = cfg.schedule.lr(cfg.lr, epoch, epochs);
+        opt.set_lr(lr);
+        let t0 = Instant::now();
+        let bar = epoch_bar(cfg.progress, train_loader.len(), epoch, epochs);
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let epoch_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
+        for batch in train_loader.epoch(cfg.batch_size, Some(epoch_seed), augment.map(|a| (a, epoch_seed))) {
+            let batch = batch?;
+            let (xs, ys) = tensors(&batch, cfg.image_size, device);
+            let logits = net.forward_t(&xs, true);
+            let loss = logits.cross_entropy_loss(&ys, Some(&loss_weights), Reduction::Mean, -100, 0.0);
+            opt.backward_step(&loss);
+            let n = batch.labels.len();
+            loss_sum += loss.double_value(&[]) * n as f64;
+            correct += logits.argmax(1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]) as usize;
+            seen += n;
+            bar.inc(n as u64);
+            bar.set_message(format!(
+                "loss {:.4}  {:.1} img/s",
+                loss_sum / seen as f64,
+                seen as f64 / t0.elapsed().as_secs_f64()
+            ));
+        }
+        bar.finish_and_clear();
+        let train_seconds = t0.elapsed().as_secs_f64();
+
+        let (eval, scores, val_loss) = evaluate(&net, &val_loader, &loss_weights, cfg, device)?;
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: correct as f64 / seen.max(1) as f64,
+            val_loss,
+            val_auroc: eval.auroc,
+            val_recall: eval.at_default.recall,
+            val_precision: eval.at_default.precision,
+            lr,
+            seconds: t0.elapsed().as_secs_f64(),
+            images_per_second: seen as f64 / train_seconds,
+        };
+        tracing::info!(
+            epoch = record.epoch,
+            train_loss = record.train_loss,
+            val_loss = record.val_loss,
+            val_auroc = record.val_auroc.unwrap_or(f64::NAN),
+            val_recall = record.val_recall,
+            val_precision = record.val_precision,
+            images_per_second = record.images_per_second,
+            "epoch done"
+        );
+        if cfg.progress {
+            eprintln!(
+                "epoch {:>3}/{epochs}  train loss {:.4}  val loss {:.4}  val AUROC {}  recall@0.5 {:.3}  precision@0.5 {:.3}  {:.1} img/s",
+                record.epoch,
+                record.train_loss,
+                record.val_loss,
+                record.val_auroc.map(|a| format!("{a:.4}")).unwrap_or_else(|| "n/a".into()),
+                record.val_recall,
+                record.val_precision,
+                record.images_per_second
+            );
+        }
+        records.push(record);
+
+        if cfg.ablation.is_some() {
+            // Measured in eval mode on the training images: what would be served.
+            best_ablation_acc = best_ablation_acc.max(eval.at_default.accuracy);
+            if eval.at_default.accuracy >= 1.0 {
+                best = Some((epoch + 1, eval, scores));
+                break;
+            }
+            continue;
+        }
+        // Keep the epoch with the best validation AUROC (the first on ties).
+        let better = match (&best, eval.auroc) {
+            (None, _) => true,
+            (Some((_, b, _)), Some(a)) => a > b.auroc.unwrap_or(f64::NEG_INFINITY),
+            (Some(_), None) => false,
+        };
+        if better {
+            best_vs.copy(&vs)?;
+            best = Some((epoch + 1, eval, scores));
+        }
+    }
+
+    let data_summary = serde_json::json!({
+        "root": cfg.data.display().to_string(),
+        "images": dataset.samples.len(),
+        "effusion": dataset.samples.iter().filter(|s| s.effusion).count(),
+        "train": train_set.len(),
+        "train_effusion": n_train_pos,
+        "val": val_set.len(),
+        "val_effusion": n_val_pos,
+        "split": split_summary,
+        "class_weights": weights,
+        "fingerprint": fingerprint(&val_set),
+    });
+    let config_json = serde_json::to_value(cfg).expect("config serialises");
+
+    if let Some(n) = cfg.ablation {
+        if best.is_none() {
+            return Err(TrainError::AblationFailed { n, epochs, accuracy: best_ablation_acc * 100.0, lr: cfg.lr });
+        }
+    }
+    let (best_epoch, best_eval, best_scores) = best.ok_or_else(|| TrainError::Config("no epoch ran".into()))?;
+    let positives: Vec<bool> = val_set.iter().map(|s| s.effusion).collect();
+    let mut notes = vec![format!(
+        "Validation rests on {} images ({} effusion); with so few, every metric has a wide uncertainty.",
+        val_set.len(),
+        n_val_pos
+    )];
+    if n_val_pos < 30 {
+        notes.push(format!(
+            "Recall is measured on {n_val_pos} positive images: one image moves it by {:.1} points.",
+            100.0 / n_val_pos.max(1) as f64
+        ));
+    }
+    if cfg.ablation.is_some() {
+        notes.push("Ablation run: trained and measured on the same images; says nothing about generalisation.".into());
+    }
+    let mut rep = Report {
+        model_version: None,
+        created_at: pleura::manifest::rfc3339_seconds(std::time::SystemTime::now()),
+        data: data_summary.clone(),
+        config: config_json.clone(),
+        epochs: records,
+        best_epoch,
+        validation: best_eval.clone(),
+        roc: metrics::roc_curve(&best_scores, &positives),
+        pr: metrics::pr_curve(&best_scores, &positives),
+        training_seconds: started.elapsed().as_secs_f64(),
+        device: format!("{device:?}"),
+        notes,
+    };
+
+    if cfg.ablation.is_some() {
+        let dir = cfg.out.join(format!("ablation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::Report(e.to_string()))?;
+        report::write_report(&dir, &rep).map_err(|e| TrainError::Report(e.to_string()))?;
+        return Ok(TrainOutcome { exported: None, report: rep, report_dir: dir });
+    }
+
+    // Export the best epoch's weights, parity-checked against tract.
+    vs.copy(&best_vs)?;
+    let threshold = best_eval.chosen.map(|c| c.threshold).unwrap_or(pleura::manifest::DEFAULT_THRESHOLD);
+    let threshold = threshold.clamp(1e-6, 1.0 - 1e-6);
+    let parity_inputs = first_images(&val_loader, 8, cfg)?;
+    let metrics_json = serde_json::to_value(&best_eval).expect("metrics serialise");
+    let training_json = serde_json::json!({
+        "config": config_json,
+        "data": data_summary,
+        "best_epoch": best_epoch,
+        "training_seconds": rep.training_seconds,
+        "device": rep.device,
+        "code_revision": export::code_revision(),
+    });
+    let req = ExportRequest {
+        spec: &spec,
+        threshold,
+        metrics: metrics_json,
+        training: training_json,
+        parity_inputs: &parity_inputs,
+        version: cfg.version.clone(),
+    };
+    let exported = export::export(&net, &vs, device, &req, &cfg.out)?;
+    rep.model_version = Some(exported.manifest.version.clone());
+    rep.training_seconds = started.elapsed().as_secs_f64();
+    report::write_report(&exported.dir, &rep).map_err(|e| TrainError::Report(e.to_string()))?;
+    let dir = exported.dir.clone();
+    Ok(TrainOutcome { exported: Some(exported), report: rep, report_dir: dir })
+}
+
+fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
+    let bad = |m: &str| Err(TrainError::Config(m.to_string()));
+    if cfg.epochs == 0 {
+        return bad("--epochs must be at least 1");
+    }
+    if cfg.batch_size == 0 {
+        return bad("--batch-size must be at least 1");
+    }
+    if cfg.width < 1 || cfg.image_size < pleura::onnx::MIN_IMAGE_SIZE {
+        return bad("--width must be >= 1 and --image-size >= 32");
+    }
+    if !(0.0..=1.0).contains(&cfg.target_recall) {
+        return bad("--target-recall must be within [0, 1]");
+    }
+    if !(cfg.lr >= 0.0) {
+        return bad("--lr must be >= 0");
+    }
+    if !(0.0 < cfg.val_fraction && cfg.val_fraction < 1.0) {
+        return bad("--val-fraction must be within (0, 1)");
+    }
+    if cfg.ablation.is_some_and(|n| n < 2) {
+        return bad("--ablation needs at least 2 images");
+    }
+    Ok(())
+}
+
+/// Loss weights for (effusion, nofinding).
+pub fn class_weights(choice: ClassWeights, n_pos: usize, n_neg: usize) -> [f64; 2] {
+    match choice {
+        ClassWeights::None => [1.0, 1.0],
+        ClassWeights::Manual(a, b) => [a, b],
+        ClassWeights::Auto => {
+            // Inverse frequency, scaled so the weights average 1 and the
+            // loss keeps the magnitude of the unweighted one.
+            let (p, n) = (n_pos.max(1) as f64, n_neg.max(1) as f64);
+            let (wp, wn) = (1.0 / p, 1.0 / n);
+            let s = (wp + wn) / 2.0;
+            [wp / s, wn / s]
+        }
+    }
+}
+
+/// A fingerprint of the validation set (its files and labels), so a later
+/// promotion gate can tell whether two models were measured on the same data.
+fn fingerprint(val: &[Sample]) -> String {
+    let mut names: Vec<String> = val
+        .iter()
+        .map(|s| {
+            format!("{}:{}", s.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), s.effusion)
+        })
+        .collect();
+    names.sort();
+    pleura::manifest::sha256_hex(names.join("\n").as_bytes())
+}
+
+fn tensors(batch: &Batch, size: u32, device: Device) -> (Tensor, Tensor) {
+    let n = batch.labels.len() as i64;
+    let s = size as i64;
+    let xs = Tensor::from_slice(&batch.images).view([n, 1, s, s]).to_device(device);
+    let ys = Tensor::from_slice(&batch.labels).to_device(device);
+    (xs, ys)
+}
+
+/// Validation pass in eval mode: metrics, p_effusion per image, mean loss.
+fn evaluate(
+    net: &ResNet,
+    loader: &Loader,
+    loss_weights: &Tensor,
+    cfg: &TrainConfig,
+    device: Device,
+) -> Result<(Evaluation, Vec<f32>, f64), TrainError> {
+    let mut scores = Vec::with_capacity(loader.len());
+    let mut positives = Vec::with_capacity(loader.len());
+    let mut loss_sum = 0.0;
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for batch in loader.epoch(cfg.batch_size.max(1), None, None) {
+            let batch = batch?;
+            let (xs, ys) = tensors(&batch, cfg.image_size, device);
+            let logits = net.forward_t(&xs, false);
+            let loss = logits.cross_entropy_loss(&ys, Some(loss_weights), Reduction::Mean, -100, 0.0);
+            loss_sum += loss.double_value(&[]) * batch.labels.len() as f64;
+            let p = logits.softmax(1, Kind::Float).select(1, 0).to_device(Device::Cpu);
+            let p: Vec<f32> = Vec::<f32>::try_from(&p)?;
+            scores.extend(p);
+            positives.extend(batch.labels.iter().map(|&l| l == 0));
+        }
+        Ok(())
+    })?;
+    let mut eval = metrics::evaluate(&scores, &positives, cfg.target_recall);
+    let val_loss = loss_sum / scores.len().max(1) as f64;
+    eval.loss = Some(val_loss);
+    Ok((eval, scores, val_loss))
+}
+
+fn first_images(loader: &Loader, n: usize, cfg: &TrainConfig) -> Result<Vec<Vec<f32>>, TrainError> {
+    let side = (cfg.image_size * cfg.image_size) as usize;
+    let mut out = Vec::new();
+    for batch in loader.epoch(n.max(1), None, None) {
+        let batch = batch?;
+        out.extend(batch.images.chunks(side).map(<[f32]>::to_vec));
+        if out.len() >= n {
+            break;
+        }
+    }
+    out.truncate(n);
+    Ok(out)
+}
+
+fn epoch_bar(enabled: bool, len: usize, epoch: usize, epochs: usize) -> ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_weights_are_inverse_frequency_and_average_one() {
+        let [wp, wn] = class_weights(ClassWeights::Auto, 10, 90);
+        assert!((wp / wn - 9.0).abs() < 1e-9);
+        assert!(((wp + wn) / 2.0 - 1.0).abs() < 1e-9);
+        assert_eq!(class_weights(ClassWeights::None, 10, 90), [1.0, 1.0]);
+        assert_eq!(class_weights(ClassWeights::Manual(3.0, 1.0), 10, 90), [3.0, 1.0]);
+    }
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!("auto".parse::<ClassWeights>().unwrap(), ClassWeights::Auto);
+        assert_eq!("2,0.5".parse::<ClassWeights>().unwrap(), ClassWeights::Manual(2.0, 0.5));
+        assert!("0,1".parse::<ClassWeights>().is_err());
+        assert_eq!("step:5:0.5".parse::<Schedule>().unwrap(), Schedule::Step { every: 5, gamma: 0.5 });
+        assert!("linear".parse::<Schedule>().is_err());
+    }
+
+    #[test]
+    fn schedules_decay_as_documented() {
+        let c = Schedule::Cosine;
+        assert_eq!(c.lr(1.0, 0, 10), 1.0);
+        assert!((c.lr(1.0, 5, 10) - 0.5).abs() < 1e-12);
+        let s = Schedule::Step { every: 2, gamma: 0.1 };
+        assert!((s.lr(1.0, 3, 10) - 0.1).abs() < 1e-12);
+        assert_eq!(Schedule::Constant.lr(0.3, 7, 10), 0.3);
+    }
+}
