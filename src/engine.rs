@@ -46,10 +46,62 @@ impl From<TractError> for ModelError {
 type Plan = TypedSimplePlan;
 type State = TypedSimpleState;
 
+/// An optimised, runnable `[1, 1, S, S]` graph, without a manifest.
+///
+/// [`Engine`] serves through one; the trainer checks a freshly written graph
+/// through one before it has a manifest, so parity is measured on exactly
+/// the plan the fleet will run.
+pub struct Graph {
+    plan: Arc<Plan>,
+    size: usize,
+}
+
+impl Graph {
+    /// Loads ONNX bytes, fixes the input to `[1, 1, size, size]`, optimises
+    /// and makes the plan runnable.
+    pub fn from_onnx(onnx: &[u8], size: u32) -> Result<Graph, ModelError> {
+        let size = size as usize;
+        let plan = tract_onnx::onnx()
+            .model_for_read(&mut &onnx[..])?
+            .with_input_fact(0, f32::fact([1, 1, size, size]).into())?
+            .into_optimized()?
+            .into_runnable()?;
+        Ok(Graph { plan, size })
+    }
+
+    /// A fresh tract state; each thread keeps its own.
+    fn new_state(&self) -> Result<State, ModelError> {
+        Ok(self.plan.spawn()?)
+    }
+
+    /// Runs one preprocessed image (`size * size` values) on `state` and
+    /// returns the output row, checked to be a probability pair.
+    fn run(&self, state: &mut State, input: &[f32]) -> Result<[f32; 2], ModelError> {
+        let tensor = Tensor::from_shape(&[1, 1, self.size, self.size], input)?;
+        let outputs = state.run(tvec![tensor.into_tvalue()])?;
+        let view = outputs[0].to_plain_array_view::<f32>()?;
+        if view.shape() != [1, 2] {
+            return Err(ModelError::BadOutput(format!("shape {:?}, expected [1, 2]", view.shape())));
+        }
+        let (p, q) = (view[[0, 0]], view[[0, 1]]);
+        if !p.is_finite() || !q.is_finite() || !(0.0..=1.0).contains(&p) || (p + q - 1.0).abs() > 1e-3 {
+            return Err(ModelError::BadOutput(format!("not a probability pair: [{p}, {q}]")));
+        }
+        Ok([p, q])
+    }
+
+    /// Both class probabilities for one preprocessed image, on a fresh state:
+    /// for checks and canaries, not for the hot path.
+    pub fn probabilities(&self, input: &[f32]) -> Result<[f32; 2], ModelError> {
+        let mut state = self.new_state()?;
+        self.run(&mut state, input)
+    }
+}
+
 /// A loaded, optimised and warmed model with its manifest.
 pub struct Engine {
     manifest: Manifest,
-    plan: Arc<Plan>,
+    graph: Graph,
 }
 
 impl std::fmt::Debug for Engine {
@@ -68,19 +120,13 @@ impl Engine {
 
     /// Builds an engine from verified model files.
     pub fn from_files(files: ModelFiles) -> Result<Engine, ModelError> {
-        let size = files.manifest.input.size as usize;
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut &files.onnx[..])?
-            .with_input_fact(0, f32::fact([1, 1, size, size]).into())?
-            .into_optimized()?
-            .into_runnable()?;
-        let engine = Engine { manifest: files.manifest, plan };
+        let graph = Graph::from_onnx(&files.onnx, files.manifest.input.size)?;
+        let engine = Engine { manifest: files.manifest, graph };
         // Warm-up: the first run allocates scratch buffers and pages in the
         // weights; doing it here keeps that cost off the first patient's scan
         // and proves the graph runs before anyone reports ready.
-        let warm = vec![0.5f32; size * size];
-        let mut state = engine.new_state()?;
-        engine.run(&mut state, &warm)?;
+        let side = engine.input_size() as usize;
+        engine.graph.probabilities(&vec![0.5f32; side * side])?;
         Ok(engine)
     }
 
@@ -99,27 +145,18 @@ impl Engine {
         self.manifest.input.size
     }
 
-    /// A fresh tract state; each thread keeps its own.
-    fn new_state(&self) -> Result<State, ModelError> {
-        Ok(self.plan.spawn()?)
+    /// The runnable graph.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
     }
 
-    /// Runs one preprocessed image (`size * size` values in [0, 1]) and
-    /// returns `p_effusion`.
+    fn new_state(&self) -> Result<State, ModelError> {
+        self.graph.new_state()
+    }
+
+    /// `p_effusion` for one preprocessed image on a thread's own state.
     fn run(&self, state: &mut State, input: &[f32]) -> Result<f32, ModelError> {
-        let size = self.input_size() as usize;
-        let tensor = Tensor::from_shape(&[1, 1, size, size], input)?;
-        let outputs = state.run(tvec![tensor.into_tvalue()])?;
-        let view = outputs[0].to_plain_array_view::<f32>()?;
-        if view.shape() != [1, 2] {
-            return Err(ModelError::BadOutput(format!("shape {:?}, expected [1, 2]", view.shape())));
-        }
-        let p = view[[0, 0]];
-        let q = view[[0, 1]];
-        if !p.is_finite() || !q.is_finite() || !(0.0..=1.0).contains(&p) || (p + q - 1.0).abs() > 1e-3 {
-            return Err(ModelError::BadOutput(format!("not a probability pair: [{p}, {q}]")));
-        }
-        Ok(p)
+        Ok(self.graph.run(state, input)?[0])
     }
 }
 

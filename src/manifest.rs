@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
 use crate::onnx::{self, OnnxError, ResNetSpec};
@@ -369,6 +371,54 @@ fn sync_dir(dir: &Path) {
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+/// The golden-case input for `seed`: a `size * size` grayscale image, a few
+/// soft blobs over a gentle gradient, min-max scaled to [0, 1] as the
+/// preprocessing scales real scans (so the minimum is 0 and the maximum 1).
+///
+/// This is the one definition; a canary that regenerates the input must call
+/// it (or reproduce it exactly). It is deterministic on every platform: the
+/// parameters come from ChaCha8 (`seed_from_u64`) via `next_u64` turned into
+/// a 53-bit fraction, and the image uses only `+ - * /` in f64, no
+/// transcendental functions whose last bit could vary between libms.
+pub fn golden_input(seed: u64, size: u32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut unit = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let (gx, gy) = (unit() * 2.0 - 1.0, unit() * 2.0 - 1.0);
+    // (centre x, centre y, radius, amplitude)
+    let blobs: Vec<(f64, f64, f64, f64)> = (0..4)
+        .map(|_| (unit(), unit(), 0.15 + 0.35 * unit(), unit() * 4.0 - 2.0))
+        .collect();
+    let s = size as usize;
+    let mut raw = Vec::with_capacity(s * s);
+    for iy in 0..s {
+        let y = (iy as f64 + 0.5) / s as f64;
+        for ix in 0..s {
+            let x = (ix as f64 + 0.5) / s as f64;
+            let mut v = gx * x + gy * y;
+            for &(cx, cy, r, a) in &blobs {
+                let t = ((x - cx) * (x - cx) + (y - cy) * (y - cy)) / (r * r);
+                if t < 1.0 {
+                    // (1 - t)^2: smooth (C1) bump of radius r.
+                    v += a * (1.0 - t) * (1.0 - t);
+                }
+            }
+            raw.push(v);
+        }
+    }
+    let lo = raw.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let range = hi - lo;
+    raw.into_iter()
+        .map(|v| {
+            if range > 0.0 {
+                ((v - lo) / range) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// The deterministic untrained model for `spec` and `seed`: [`onnx::init_weights`]

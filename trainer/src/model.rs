@@ -289,8 +289,8 @@ pub(crate) fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
 ///
 /// A spec parameter missing from the store, a shape that differs, or a store
 /// variable that is not a spec parameter is an error: each means the tch
-/// network and the ONNX graph disagree. The one tolerated extra is batch
-/// norm's `num_batches_tracked` counter (see [`NUM_BATCHES_TRACKED`]), which
+/// network and the ONNX graph disagree. The one tolerated extra is a batch
+/// norm's `num_batches_tracked` counter (not an inference parameter), which
 /// tch 0.26 does not create but PyTorch does.
 pub fn to_weights(vs: &nn::VarStore, spec: &ResNetSpec) -> Result<Weights, ModelError> {
     let vars: HashMap<String, Tensor> = vs.variables();
@@ -346,7 +346,11 @@ mod tests {
     }
 
     fn spec_shapes(spec: &ResNetSpec) -> Vec<(String, Vec<i64>)> {
-        let mut v: Vec<_> = spec.params().into_iter().map(|p| (p.name, p.shape)).collect();
+        let mut v: Vec<_> = spec
+            .params()
+            .into_iter()
+            .map(|p| (p.name, p.shape))
+            .collect();
         v.sort();
         v
     }
@@ -375,9 +379,21 @@ mod tests {
             assert_eq!(vs.trainable_variables().len(), trainable);
             // Running statistics start at torch's values.
             let v = vs.variables();
-            assert_eq!(v["bn1.running_mean"].abs().sum(Kind::Float).double_value(&[]), 0.0);
-            assert_eq!(to_f32_vec(&v["bn1.running_var"]).unwrap(), vec![1.0; spec.stem_width as usize]);
-            assert_eq!(to_f32_vec(&v["bn1.weight"]).unwrap(), vec![1.0; spec.stem_width as usize]);
+            assert_eq!(
+                v["bn1.running_mean"]
+                    .abs()
+                    .sum(Kind::Float)
+                    .double_value(&[]),
+                0.0
+            );
+            assert_eq!(
+                to_f32_vec(&v["bn1.running_var"]).unwrap(),
+                vec![1.0; spec.stem_width as usize]
+            );
+            assert_eq!(
+                to_f32_vec(&v["bn1.weight"]).unwrap(),
+                vec![1.0; spec.stem_width as usize]
+            );
         }
     }
 
@@ -405,16 +421,20 @@ mod tests {
     /// Train mode of [`ResNet::forward_t`] step by step, recording the input
     /// of every batch norm (stem, then per block bn1, bn2, downsample).
     /// Returns the logits and the recorded inputs with their batch norms.
-    fn train_forward_recording<'m>(m: &'m ResNet, xs: &Tensor) -> (Tensor, Vec<(&'m nn::BatchNorm, Tensor)>) {
+    fn train_forward_recording<'m>(
+        m: &'m ResNet,
+        xs: &Tensor,
+    ) -> (Tensor, Vec<(&'m nn::BatchNorm, Tensor)>) {
         let mut rec = Vec::new();
         let mut bn = |bn: &'m nn::BatchNorm, x: Tensor| -> Tensor {
             let y = x.apply_t(bn, true);
             rec.push((bn, x));
             y
         };
-        let mut x = bn(&m.bn1, xs.apply(&m.conv1))
-            .relu()
-            .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut x =
+            bn(&m.bn1, xs.apply(&m.conv1))
+                .relu()
+                .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         for b in &m.blocks {
             let y = bn(&b.bn1, x.apply(&b.conv1)).relu();
             let y = bn(&b.bn2, y.apply(&b.conv2));
@@ -424,7 +444,9 @@ mod tests {
             };
             x = (y + s).relu();
         }
-        let logits = x.mean_dim([2i64, 3].as_slice(), false, Kind::Float).apply(&m.fc);
+        let logits = x
+            .mean_dim([2i64, 3].as_slice(), false, Kind::Float)
+            .apply(&m.fc);
         (logits, rec)
     }
 
@@ -455,7 +477,10 @@ mod tests {
         assert_eq!(snapshot(&vs), before, "eval mode changes nothing");
 
         let t = m.forward_t(&x, true);
-        assert!(!t.allclose(&e1, 1e-4, 1e-4, false), "batch vs running statistics");
+        assert!(
+            !t.allclose(&e1, 1e-4, 1e-4, false),
+            "batch vs running statistics"
+        );
         let after = snapshot(&vs);
         for (name, old) in &before {
             let changed = &after[name] != old;
@@ -466,18 +491,29 @@ mod tests {
         // The step-by-step replica is the real train-mode forward ...
         let (replica, recorded) = train_forward_recording(&m, &x);
         assert!(replica.allclose(&m.forward_t(&x, true), 1e-6, 1e-6, false));
-        assert_eq!(recorded.len(), spec.params().iter().filter(|p| p.name.ends_with("running_var")).count());
+        assert_eq!(
+            recorded.len(),
+            spec.params()
+                .iter()
+                .filter(|p| p.name.ends_with("running_var"))
+                .count()
+        );
         // ... so its batch statistics, made the running ones, turn eval into train.
         for (bn, input) in &recorded {
             let dims = [0i64, 2, 3];
             let mean = input.mean_dim(dims.as_slice(), true, Kind::Float);
-            let var = (input - &mean).square().mean_dim(dims.as_slice(), false, Kind::Float);
+            let var = (input - &mean)
+                .square()
+                .mean_dim(dims.as_slice(), false, Kind::Float);
             bn.running_mean.shallow_clone().copy_(&mean.flatten(0, -1));
             bn.running_var.shallow_clone().copy_(&var);
         }
         let eval = m.forward_t(&x, false);
         let diff = (&eval - &replica).abs().max().double_value(&[]);
-        assert!(diff < 1e-4, "eval with batch statistics differs from train by {diff}");
+        assert!(
+            diff < 1e-4,
+            "eval with batch statistics differs from train by {diff}"
+        );
     }
 
     #[test]
@@ -509,20 +545,33 @@ mod tests {
             ..spec.clone()
         };
         match to_weights(&vs, &deeper) {
-            Err(ModelError::MissingParam { name }) => assert!(name.starts_with("layer4.2."), "{name}"),
+            Err(ModelError::MissingParam { name }) => {
+                assert!(name.starts_with("layer4.2."), "{name}")
+            }
             other => panic!("{other:?}"),
         }
         // Store with fewer blocks than the spec's store: unexpected variables.
-        match to_weights(&vs, &ResNetSpec { blocks: vec![2, 2, 2, 1], ..spec.clone() }) {
-            Err(ModelError::UnexpectedVariable { name }) => assert!(name.starts_with("layer4.1."), "{name}"),
+        match to_weights(
+            &vs,
+            &ResNetSpec {
+                blocks: vec![2, 2, 2, 1],
+                ..spec.clone()
+            },
+        ) {
+            Err(ModelError::UnexpectedVariable { name }) => {
+                assert!(name.starts_with("layer4.1."), "{name}")
+            }
             other => panic!("{other:?}"),
         }
         // A stray variable is refused; BN's step counter is tolerated.
         let vs2 = nn::VarStore::new(Device::Cpu);
         let _ = ResNet::new(&vs2.root(), &spec);
-        vs2.root().sub("bn1").zeros_no_train(NUM_BATCHES_TRACKED, &[]);
+        let _ = vs2
+            .root()
+            .sub("bn1")
+            .zeros_no_train(NUM_BATCHES_TRACKED, &[]);
         assert_eq!(to_weights(&vs2, &spec).unwrap().len(), spec.params().len());
-        vs2.root().sub("fc").zeros("extra", &[1]);
+        let _ = vs2.root().sub("fc").zeros("extra", &[1]);
         match to_weights(&vs2, &spec) {
             Err(ModelError::UnexpectedVariable { name }) => assert_eq!(name, "fc.extra"),
             other => panic!("{other:?}"),
@@ -530,7 +579,10 @@ mod tests {
         // A counter under a path that is not a batch norm is not excused.
         let vs3 = nn::VarStore::new(Device::Cpu);
         let _ = ResNet::new(&vs3.root(), &spec);
-        vs3.root().sub("fc").zeros_no_train(NUM_BATCHES_TRACKED, &[]);
+        let _ = vs3
+            .root()
+            .sub("fc")
+            .zeros_no_train(NUM_BATCHES_TRACKED, &[]);
         assert!(matches!(
             to_weights(&vs3, &spec),
             Err(ModelError::UnexpectedVariable { .. })

@@ -467,7 +467,8 @@ fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     if !(0.0..=1.0).contains(&cfg.target_recall) {
         return bad("--target-recall must be within [0, 1]");
     }
-    if !(cfg.lr >= 0.0) {
+    // Written so that NaN fails too.
+    if cfg.lr.is_nan() || cfg.lr < 0.0 {
         return bad("--lr must be >= 0");
     }
     if !(0.0 < cfg.val_fraction && cfg.val_fraction < 1.0) {
