@@ -354,7 +354,11 @@ impl Scene {
         // Drawn for both classes so that the same seed gives the same anatomy and noise
         // with or without fluid: pairs then differ only where the effusion is.
         let side = u(0.0, 1.0);
-        let depth = [u(0.15, 0.45), u(0.15, 0.45)];
+        // From a blunted costophrenic angle (a few percent of the lung's height,
+        // the subtle case readers miss) up to nearly half the lung; squaring
+        // the draw makes small effusions common, as they are in practice.
+        let small_to_large = |v: f32| 0.03 + 0.42 * v * v;
+        let depth = [small_to_large(u(0.0, 1.0)), small_to_large(u(0.0, 1.0))];
         let meniscus = [u(0.03, 0.08), u(0.03, 0.08)];
         if finding == Finding::Effusion {
             // Right-sided effusions are the most common, bilateral ones the least.
@@ -695,17 +699,18 @@ mod tests {
                 "seed {seed}"
             );
             // The lower lung zone of at least one side (effusions may be unilateral) is
-            // clearly denser.
+            // denser; small effusions only blunt the angle, so the zone reaches down to
+            // the bases and the bar per image is low, while the average must be clear.
             let lower = |img: &image::GrayImage| {
                 [
-                    box_mean(img, 0.20, 0.38, 0.56, 0.64),
-                    box_mean(img, 0.62, 0.80, 0.58, 0.66),
+                    box_mean(img, 0.20, 0.38, 0.50, 0.85),
+                    box_mean(img, 0.62, 0.80, 0.50, 0.85),
                 ]
             };
             let (n, e) = (lower(&normal), lower(&effusion));
             let gain = (e[0] - n[0]).max(e[1] - n[1]);
             assert!(
-                gain > 15.0,
+                gain > 0.1,
                 "seed {seed}: lower zone only {gain} grey levels brighter"
             );
             // Fluid attenuates: it never makes a pixel darker.
@@ -718,10 +723,9 @@ mod tests {
             assert_eq!(darker, 0, "seed {seed}: {darker} pixels darker");
             total_gain += gain;
         }
-        eprintln!(
-            "mean lower-zone gain with effusion: {:.1} grey levels",
-            total_gain / 12.0
-        );
+        let mean = total_gain / 12.0;
+        eprintln!("mean lower-zone gain with effusion: {mean:.1} grey levels");
+        assert!(mean > 5.0, "effusions are too faint on average: {mean}");
     }
 
     #[test]
