@@ -22,8 +22,8 @@ echo "== training a quick model on phantoms"
 # demo model, not a clinical one: phantoms never stand in for real data.
 rm -rf "$DEMO/phantoms" "$DEMO/models"
 "$BIN/pleura-trainer" synth --out "$DEMO/phantoms" --n 300 --prevalence 0.1 --size 256 --seed 1
-"$BIN/pleura-trainer" train --data "$DEMO/phantoms" --out "$DEMO/models" --width 8 --image-size 128 \
-  --epochs 6 --batch-size 16 --lr 3e-3 --seed 1 --version demo-$(date +%Y%m%d%H%M%S)
+"$BIN/pleura-trainer" train --data "$DEMO/phantoms" --out "$DEMO/models" --width 16 --image-size 128 \
+  --epochs 25 --batch-size 16 --lr 1e-3 --seed 1 --version demo-$(date +%Y%m%d%H%M%S)
 MODEL=$(ls -d "$DEMO"/models/*/ | head -1)
 echo "   model: $MODEL (report: $MODEL/report.md)"
 

@@ -56,8 +56,14 @@ pub async fn declare_topology(
     names: &Names,
     delivery_limit: u32,
 ) -> Result<(), BrokerError> {
-    let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    let durable_queue = QueueDeclareOptions { durable: true, ..Default::default() };
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
 
     channel
         .exchange_declare(
@@ -68,8 +74,13 @@ pub async fn declare_topology(
         )
         .await?;
     let mut dead_args = FieldTable::default();
-    dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    channel.queue_declare(names.dead_queue().into(), durable_queue, dead_args).await?;
+    dead_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(names.dead_queue().into(), durable_queue, dead_args)
+        .await?;
     channel
         .queue_bind(
             names.dead_queue().into(),
@@ -104,7 +115,11 @@ pub async fn declare_topology(
 
     for queue in [names.stat_queue(), names.routine_queue()] {
         channel
-            .queue_declare(queue.into(), durable_queue, scan_queue_args(names, delivery_limit))
+            .queue_declare(
+                queue.into(),
+                durable_queue,
+                scan_queue_args(names, delivery_limit),
+            )
             .await?;
     }
     let mut stat_binding = FieldTable::default();
@@ -135,8 +150,14 @@ pub async fn declare_topology(
 
 fn scan_queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(delivery_limit as i32));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(delivery_limit as i32),
+    );
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(names.dead_letter_exchange().into()),
@@ -147,11 +168,21 @@ fn scan_queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
 /// Deletes every queue and exchange of a namespace. For tests and for
 /// decommissioning a fleet; never called by the worker.
 pub async fn delete_topology(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
-    for q in [names.stat_queue(), names.routine_queue(), names.dead_queue()] {
+    for q in [
+        names.stat_queue(),
+        names.routine_queue(),
+        names.dead_queue(),
+    ] {
         channel.queue_delete(q.into(), Default::default()).await?;
     }
-    for x in [names.scans_exchange(), names.routine_exchange(), names.dead_letter_exchange()] {
-        channel.exchange_delete(x.into(), Default::default()).await?;
+    for x in [
+        names.scans_exchange(),
+        names.routine_exchange(),
+        names.dead_letter_exchange(),
+    ] {
+        channel
+            .exchange_delete(x.into(), Default::default())
+            .await?;
     }
     Ok(())
 }
@@ -184,7 +215,9 @@ impl Publisher {
     ) -> Result<Publisher, BrokerError> {
         let channel = conn.create_channel().await?;
         declare_topology(&channel, &names, delivery_limit).await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Publisher { channel, names })
     }
 
@@ -203,7 +236,9 @@ impl Publisher {
             .await?
             .await?;
         if confirm.is_nack() {
-            return Err(BrokerError::Nacked { job_id: s.job_id.to_string() });
+            return Err(BrokerError::Nacked {
+                job_id: s.job_id.to_string(),
+            });
         }
         Ok(())
     }
@@ -217,15 +252,23 @@ impl Publisher {
 /// AMQP properties of a scan message: persistent, with job id, priority
 /// markers and submission time.
 pub fn scan_properties(s: &Submission<'_>) -> BasicProperties {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let mut headers = FieldTable::default();
-    headers.insert(HEADER_PRIORITY.into(), AMQPValue::LongString(s.priority.as_str().into()));
+    headers.insert(
+        HEADER_PRIORITY.into(),
+        AMQPValue::LongString(s.priority.as_str().into()),
+    );
     headers.insert(
         HEADER_SUBMITTED_MS.into(),
         AMQPValue::LongLongInt(now_ms.as_millis() as i64),
     );
     for (k, v) in s.correlation {
-        headers.insert(ShortString::from(k.to_string()), AMQPValue::LongString(LongString::from(*v)));
+        headers.insert(
+            ShortString::from(k.to_string()),
+            AMQPValue::LongString(LongString::from(*v)),
+        );
     }
     BasicProperties::default()
         .with_message_id(s.job_id.into())

@@ -115,7 +115,12 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Classify { model, json, paths } => {
             tokio::task::block_in_place(|| classify(&settings, model.as_deref(), &paths, json))
         }
-        Command::Model(ModelCommand::Init { out, seed, width, image_size }) => model_init(&out, seed, width, image_size),
+        Command::Model(ModelCommand::Init {
+            out,
+            seed,
+            width,
+            image_size,
+        }) => model_init(&out, seed, width, image_size),
     };
     match outcome {
         Ok(code) => code,
@@ -153,11 +158,12 @@ pub fn collect_scans(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
             let path = entry?.path();
             if path.is_dir() {
                 walk(&path, out)?;
-            } else if path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "dcm"))
-            {
+            } else if path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                matches!(
+                    e.to_ascii_lowercase().as_str(),
+                    "png" | "jpg" | "jpeg" | "dcm"
+                )
+            }) {
                 out.push(path);
             }
         }
@@ -173,7 +179,10 @@ pub fn collect_scans(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
         } else if p.exists() {
             out.push(p.clone());
         } else {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} does not exist", p.display())));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} does not exist", p.display()),
+            ));
         }
     }
     Ok(out)
@@ -218,13 +227,20 @@ impl Row {
         Row {
             file,
             job_id: r.job_id.clone(),
-            status: if r.is_ok() { "ok".into() } else { "error".into() },
+            status: if r.is_ok() {
+                "ok".into()
+            } else {
+                "error".into()
+            },
             label: r.label.map(|l| l.as_str().to_string()),
             p_effusion: r.p_effusion,
             threshold: r.threshold,
             model_version: r.model_version.clone(),
             ms: Some(r.timings_ms.total),
-            error: r.error.as_ref().map(|e| format!("{}: {}", e.code, e.message)),
+            error: r
+                .error
+                .as_ref()
+                .map(|e| format!("{}: {}", e.code, e.message)),
         }
     }
 }
@@ -237,36 +253,68 @@ fn print_rows(rows: &[Row], json: bool) {
         }
         return;
     }
-    let fw = rows.iter().map(|r| r.file.len()).max().unwrap_or(4).clamp(4, 60);
-    let _ = writeln!(out, "{:<fw$}  {:<36}  {:<10}  {:>10}  {:<24}  {:>8}", "file", "job id", "label", "p_effusion", "model", "ms");
+    let fw = rows
+        .iter()
+        .map(|r| r.file.len())
+        .max()
+        .unwrap_or(4)
+        .clamp(4, 60);
+    let _ = writeln!(
+        out,
+        "{:<fw$}  {:<36}  {:<10}  {:>10}  {:<24}  {:>8}",
+        "file", "job id", "label", "p_effusion", "model", "ms"
+    );
     for r in rows {
-        let file = if r.file.len() > fw { format!("…{}", &r.file[r.file.len() - fw + 1..]) } else { r.file.clone() };
+        let file = if r.file.len() > fw {
+            format!("…{}", &r.file[r.file.len() - fw + 1..])
+        } else {
+            r.file.clone()
+        };
         let label = match (&r.label, &r.error) {
             (Some(l), _) => l.clone(),
             (None, Some(e)) => format!("ERROR {}", e.split(':').next().unwrap_or("")),
             (None, None) => r.status.clone(),
         };
-        let p = r.p_effusion.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into());
-        let ms = r.ms.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into());
+        let p = r
+            .p_effusion
+            .map(|p| format!("{p:.4}"))
+            .unwrap_or_else(|| "-".into());
+        let ms =
+            r.ms.map(|m| format!("{m:.1}"))
+                .unwrap_or_else(|| "-".into());
         let model = r.model_version.clone().unwrap_or_else(|| "-".into());
-        let _ = writeln!(out, "{file:<fw$}  {:<36}  {label:<10}  {p:>10}  {model:<24}  {ms:>8}", r.job_id);
+        let _ = writeln!(
+            out,
+            "{file:<fw$}  {:<36}  {label:<10}  {p:>10}  {model:<24}  {ms:>8}",
+            r.job_id
+        );
     }
     let ok = rows.iter().filter(|r| r.is_ok()).count();
     let _ = writeln!(out, "{ok} ok, {} failed", rows.len() - ok);
 }
 
 fn exit_for(rows: &[Row]) -> ExitCode {
-    if rows.iter().all(Row::is_ok) { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if rows.iter().all(Row::is_ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 async fn submit(settings: &Settings, args: SubmitArgs) -> Result<ExitCode, CliError> {
     let priority: Priority = args.priority.parse().map_err(CliError::Usage)?;
     let files = collect_scans(&args.paths).map_err(|e| CliError::Usage(e.to_string()))?;
     if files.is_empty() {
-        return Err(CliError::Usage("no scans found (.png .jpg .jpeg .dcm)".into()));
+        return Err(CliError::Usage(
+            "no scans found (.png .jpg .jpeg .dcm)".into(),
+        ));
     }
-    let conn = crate::broker::connect(&settings.amqp_url, "pleura-cli").await.map_err(failed)?;
-    let publisher = Publisher::new(&conn, settings.names(), settings.delivery_limit).await.map_err(failed)?;
+    let conn = crate::broker::connect(&settings.amqp_url, "pleura-cli")
+        .await
+        .map_err(failed)?;
+    let publisher = Publisher::new(&conn, settings.names(), settings.delivery_limit)
+        .await
+        .map_err(failed)?;
 
     let bar = progress(files.len(), "submitted");
     let mut jobs = Vec::with_capacity(files.len());
@@ -274,7 +322,12 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> Result<ExitCode, CliEr
         let body = std::fs::read(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
         let job_id = uuid::Uuid::new_v4().to_string();
         publisher
-            .submit(&Submission { job_id: &job_id, body: &body, priority, correlation: &[] })
+            .submit(&Submission {
+                job_id: &job_id,
+                body: &body,
+                priority,
+                correlation: &[],
+            })
             .await
             .map_err(failed)?;
         jobs.push((file.display().to_string(), job_id));
@@ -302,11 +355,18 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> Result<ExitCode, CliEr
         return Ok(ExitCode::SUCCESS);
     }
 
-    let store = ResultStore::connect(&settings.redis_url, settings.names(), settings.result_ttl_secs, settings.results_stream_maxlen)
+    let store = ResultStore::connect(
+        &settings.redis_url,
+        settings.names(),
+        settings.result_ttl_secs,
+        settings.results_stream_maxlen,
+    )
+    .await
+    .map_err(failed)?;
+    let ids: Vec<String> = jobs.iter().map(|(_, id)| id.clone()).collect();
+    let results = wait_for_results(&store, &ids, Duration::from_secs(args.timeout))
         .await
         .map_err(failed)?;
-    let ids: Vec<String> = jobs.iter().map(|(_, id)| id.clone()).collect();
-    let results = wait_for_results(&store, &ids, Duration::from_secs(args.timeout)).await.map_err(failed)?;
     let rows: Vec<Row> = jobs
         .into_iter()
         .zip(results)
@@ -358,7 +418,9 @@ pub async fn wait_for_results(
                 }
                 // Redis may blink (restart, failover); the connection manager
                 // reconnects, so keep polling until the deadline.
-                Err(e) if Instant::now() < deadline => tracing::warn!(error = %e, "reading results failed; retrying"),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "reading results failed; retrying")
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -371,30 +433,51 @@ pub async fn wait_for_results(
 }
 
 async fn result(settings: &Settings, job_id: &str, json: bool) -> Result<ExitCode, CliError> {
-    let store = ResultStore::connect(&settings.redis_url, settings.names(), settings.result_ttl_secs, settings.results_stream_maxlen)
-        .await
-        .map_err(failed)?;
+    let store = ResultStore::connect(
+        &settings.redis_url,
+        settings.names(),
+        settings.result_ttl_secs,
+        settings.results_stream_maxlen,
+    )
+    .await
+    .map_err(failed)?;
     match store.get(job_id).await.map_err(failed)? {
-        None => Err(CliError::Failed(format!("no result for job {job_id} (not finished, unknown, or expired)"))),
+        None => Err(CliError::Failed(format!(
+            "no result for job {job_id} (not finished, unknown, or expired)"
+        ))),
         Some(r) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).expect("results serialise"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("results serialise")
+                );
             } else {
                 print_rows(&[Row::from_result("-".into(), &r)], false);
             }
-            Ok(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if r.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }
 
-fn classify(settings: &Settings, model: Option<&Path>, paths: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
+fn classify(
+    settings: &Settings,
+    model: Option<&Path>,
+    paths: &[PathBuf],
+    json: bool,
+) -> Result<ExitCode, CliError> {
     let dir = model
         .map(Path::to_path_buf)
         .or_else(|| settings.model_dir.clone())
         .ok_or_else(|| CliError::Usage("no model: pass --model DIR or set model_dir".into()))?;
     let files = collect_scans(paths).map_err(|e| CliError::Usage(e.to_string()))?;
     if files.is_empty() {
-        return Err(CliError::Usage("no scans found (.png .jpg .jpeg .dcm)".into()));
+        return Err(CliError::Usage(
+            "no scans found (.png .jpg .jpeg .dcm)".into(),
+        ));
     }
     let engine = Engine::load(&dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
     let mut classifier = LocalClassifier::new(Arc::new(engine), settings.limits());
@@ -447,11 +530,20 @@ fn describe(e: &AnalyseError) -> String {
 
 fn model_init(out: &Path, seed: u64, width: i64, image_size: u32) -> Result<ExitCode, CliError> {
     if width < 1 || image_size < 32 {
-        return Err(CliError::Usage("--width must be >= 1 and --image-size >= 32".into()));
+        return Err(CliError::Usage(
+            "--width must be >= 1 and --image-size >= 32".into(),
+        ));
     }
-    let spec = ResNetSpec { image_size, ..ResNetSpec::with_width(width) };
+    let spec = ResNetSpec {
+        image_size,
+        ..ResNetSpec::with_width(width)
+    };
     let files = crate::manifest::init_model(&spec, seed).map_err(failed)?;
     files.write_dir(out).map_err(failed)?;
-    println!("wrote untrained model {} to {}", files.manifest.version, out.display());
+    println!(
+        "wrote untrained model {} to {}",
+        files.manifest.version,
+        out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

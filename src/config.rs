@@ -156,9 +156,11 @@ impl Settings {
         file: Option<&Path>,
         env: config::Map<String, String>,
     ) -> Result<Settings, ConfigError> {
-        let file = file
-            .map(Path::to_path_buf)
-            .or_else(|| env.get("PLEURA_CONFIG").filter(|s| !s.is_empty()).map(PathBuf::from));
+        let file = file.map(Path::to_path_buf).or_else(|| {
+            env.get("PLEURA_CONFIG")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        });
         let env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("PLEURA_") && !NON_CONFIG_ENV.contains(&k.as_str()))
@@ -181,7 +183,10 @@ impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.namespace.is_empty()
-            || !self.namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !self
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return bad(format!(
                 "namespace {:?} must be non-empty and use only A-Z a-z 0-9 - _",
@@ -205,7 +210,9 @@ impl Settings {
         if self.inference_threads > 0 {
             self.inference_threads
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         }
     }
 
@@ -237,7 +244,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> config::Map<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -250,7 +260,10 @@ mod tests {
         let doc: toml_keys::Keys = toml_keys::keys(&text);
         let json = serde_json::to_value(&s).unwrap();
         for key in json.as_object().unwrap().keys() {
-            assert!(doc.contains(key), "pleura.example.toml does not document `{key}`");
+            assert!(
+                doc.contains(key),
+                "pleura.example.toml does not document `{key}`"
+            );
         }
     }
 

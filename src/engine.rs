@@ -81,11 +81,20 @@ impl Graph {
         let outputs = state.run(tvec![tensor.into_tvalue()])?;
         let view = outputs[0].to_plain_array_view::<f32>()?;
         if view.shape() != [1, 2] {
-            return Err(ModelError::BadOutput(format!("shape {:?}, expected [1, 2]", view.shape())));
+            return Err(ModelError::BadOutput(format!(
+                "shape {:?}, expected [1, 2]",
+                view.shape()
+            )));
         }
         let (p, q) = (view[[0, 0]], view[[0, 1]]);
-        if !p.is_finite() || !q.is_finite() || !(0.0..=1.0).contains(&p) || (p + q - 1.0).abs() > 1e-3 {
-            return Err(ModelError::BadOutput(format!("not a probability pair: [{p}, {q}]")));
+        if !p.is_finite()
+            || !q.is_finite()
+            || !(0.0..=1.0).contains(&p)
+            || (p + q - 1.0).abs() > 1e-3
+        {
+            return Err(ModelError::BadOutput(format!(
+                "not a probability pair: [{p}, {q}]"
+            )));
         }
         Ok([p, q])
     }
@@ -106,7 +115,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("version", &self.manifest.version).finish()
+        f.debug_struct("Engine")
+            .field("version", &self.manifest.version)
+            .finish()
     }
 }
 
@@ -121,7 +132,10 @@ impl Engine {
     /// Builds an engine from verified model files.
     pub fn from_files(files: ModelFiles) -> Result<Engine, ModelError> {
         let graph = Graph::from_onnx(&files.onnx, files.manifest.input.size)?;
-        let engine = Engine { manifest: files.manifest, graph };
+        let engine = Engine {
+            manifest: files.manifest,
+            graph,
+        };
         // Warm-up: the first run allocates scratch buffers and pages in the
         // weights; doing it here keeps that cost off the first patient's scan
         // and proves the graph runs before anyone reports ready.
@@ -205,13 +219,24 @@ struct Worker {
 ///
 /// This is the whole scan path; the worker's pool and `pleura classify` both
 /// run exactly this, which is why they agree to the last digit.
-fn analyse_on(slot: &mut Option<Worker>, engine: &Arc<Engine>, bytes: &[u8], limits: &Limits) -> Result<Verdict, AnalyseError> {
+fn analyse_on(
+    slot: &mut Option<Worker>,
+    engine: &Arc<Engine>,
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<Verdict, AnalyseError> {
     let t0 = Instant::now();
     let input = preprocess::load_scan(bytes, limits, engine.input_size())?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
 
-    if slot.as_ref().is_none_or(|w| !Arc::ptr_eq(&w.engine, engine)) {
-        *slot = Some(Worker { engine: engine.clone(), state: engine.new_state()? });
+    if slot
+        .as_ref()
+        .is_none_or(|w| !Arc::ptr_eq(&w.engine, engine))
+    {
+        *slot = Some(Worker {
+            engine: engine.clone(),
+            state: engine.new_state()?,
+        });
     }
     let w = slot.as_mut().expect("state just set");
     let t1 = Instant::now();
@@ -257,14 +282,20 @@ impl InferencePool {
         let (routine_tx, routine_rx) = crossbeam_channel::unbounded::<Task>();
         let threads = (0..threads.max(1))
             .map(|i| {
-                let (stat_rx, routine_rx, model) = (stat_rx.clone(), routine_rx.clone(), model.clone());
+                let (stat_rx, routine_rx, model) =
+                    (stat_rx.clone(), routine_rx.clone(), model.clone());
                 std::thread::Builder::new()
                     .name(format!("pleura-infer-{i}"))
                     .spawn(move || inference_thread(stat_rx, routine_rx, model, limits))
                     .expect("spawn inference thread")
             })
             .collect();
-        InferencePool { stat: Some(stat_tx), routine: Some(routine_tx), threads, model }
+        InferencePool {
+            stat: Some(stat_tx),
+            routine: Some(routine_tx),
+            threads,
+            model,
+        }
     }
 
     /// The slot this pool serves from.
@@ -279,7 +310,11 @@ impl InferencePool {
 
     /// Classifies a scan on the pool. STAT scans jump every routine one that
     /// is still waiting for a thread.
-    pub async fn analyse(&self, bytes: Vec<u8>, priority: Priority) -> Result<Verdict, AnalyseError> {
+    pub async fn analyse(
+        &self,
+        bytes: Vec<u8>,
+        priority: Priority,
+    ) -> Result<Verdict, AnalyseError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let lane = match priority {
             Priority::Stat => &self.stat,
@@ -304,7 +339,12 @@ impl Drop for InferencePool {
     }
 }
 
-fn inference_thread(stat: Receiver<Task>, routine: Receiver<Task>, model: ModelSlot, limits: Limits) {
+fn inference_thread(
+    stat: Receiver<Task>,
+    routine: Receiver<Task>,
+    model: ModelSlot,
+    limits: Limits,
+) {
     let mut slot: Option<Worker> = None;
     loop {
         // STAT first whenever both lanes have work.
@@ -337,7 +377,11 @@ pub struct LocalClassifier {
 impl LocalClassifier {
     /// Wraps a loaded engine.
     pub fn new(engine: Arc<Engine>, limits: Limits) -> LocalClassifier {
-        LocalClassifier { engine, slot: None, limits }
+        LocalClassifier {
+            engine,
+            slot: None,
+            limits,
+        }
     }
 
     /// Classifies one scan.

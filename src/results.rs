@@ -72,7 +72,13 @@ impl ResultStore {
             .set_number_of_retries(2)
             .set_max_delay(std::time::Duration::from_secs(1));
         let conn = client.get_connection_manager_with_config(cfg).await?;
-        Ok(ResultStore { conn, names, ttl_secs, stream_maxlen, script: redis::Script::new(WRITE_ONCE) })
+        Ok(ResultStore {
+            conn,
+            names,
+            ttl_secs,
+            stream_maxlen,
+            script: redis::Script::new(WRITE_ONCE),
+        })
     }
 
     /// Stores a result unless the job already has one.
@@ -89,7 +95,11 @@ impl ResultStore {
             .arg(&result.job_id)
             .invoke_async(&mut conn)
             .await?;
-        Ok(if written == 1 { Written::New } else { Written::AlreadyPresent })
+        Ok(if written == 1 {
+            Written::New
+        } else {
+            Written::AlreadyPresent
+        })
     }
 
     /// Reads one job's result, if there is one yet.
@@ -100,7 +110,10 @@ impl ResultStore {
     }
 
     /// Reads many results in one round trip, in the order asked.
-    pub async fn get_many(&self, job_ids: &[String]) -> Result<Vec<Option<ScanResult>>, ResultsError> {
+    pub async fn get_many(
+        &self,
+        job_ids: &[String],
+    ) -> Result<Vec<Option<ScanResult>>, ResultsError> {
         if job_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -132,5 +145,8 @@ impl ResultStore {
 }
 
 fn parse(job_id: &str, raw: &str) -> Result<ScanResult, ResultsError> {
-    serde_json::from_str(raw).map_err(|source| ResultsError::Corrupt { job_id: job_id.to_string(), source })
+    serde_json::from_str(raw).map_err(|source| ResultsError::Corrupt {
+        job_id: job_id.to_string(),
+        source,
+    })
 }

@@ -18,7 +18,11 @@ pub fn init_tracing(format: LogFormat, level: &str) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
         LogFormat::Human => builder.with_target(false).try_init(),
     };
 }
@@ -50,7 +54,10 @@ mod tests {
         assert!(r.contains("guest:***@rabbit"), "{r}");
         let r = redact_url("redis://:hunter2@redis:6379/0");
         assert!(!r.contains("hunter2"), "{r}");
-        assert_eq!(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
         assert_eq!(redact_url("not a url with pw:x@y"), "<unparseable url>");
     }
 }

@@ -80,7 +80,9 @@ impl std::str::FromStr for Priority {
         match s.to_ascii_lowercase().as_str() {
             "stat" => Ok(Priority::Stat),
             "routine" => Ok(Priority::Routine),
-            other => Err(format!("unknown priority {other:?} (expected stat or routine)")),
+            other => Err(format!(
+                "unknown priority {other:?} (expected stat or routine)"
+            )),
         }
     }
 }
@@ -100,7 +102,9 @@ pub fn validate_job_id(id: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Err(format!("job id contains {c:?}; allowed are A-Z a-z 0-9 - _ . :"));
+        return Err(format!(
+            "job id contains {c:?}; allowed are A-Z a-z 0-9 - _ . :"
+        ));
     }
     Ok(())
 }
@@ -294,7 +298,10 @@ mod tests {
     #[test]
     fn either_marker_makes_a_scan_stat() {
         assert_eq!(Priority::from_markers(Some(5), None), Priority::Stat);
-        assert_eq!(Priority::from_markers(Some(9), Some("routine")), Priority::Stat);
+        assert_eq!(
+            Priority::from_markers(Some(9), Some("routine")),
+            Priority::Stat
+        );
         assert_eq!(Priority::from_markers(None, Some("STAT")), Priority::Stat);
         assert_eq!(Priority::from_markers(Some(4), None), Priority::Routine);
         assert_eq!(Priority::from_markers(None, None), Priority::Routine);
@@ -349,7 +356,10 @@ mod tests {
             timings_ms: Timings::default(),
             worker: "w".into(),
             completed_at: "2026-01-01T00:00:00Z".into(),
-            error: Some(ErrorInfo { code: "corrupt_image".into(), message: "bad".into() }),
+            error: Some(ErrorInfo {
+                code: "corrupt_image".into(),
+                message: "bad".into(),
+            }),
             correlation: BTreeMap::new(),
         };
         let json = serde_json::to_value(&r).unwrap();

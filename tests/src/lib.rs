@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 
 /// RabbitMQ URL for tests.
 pub fn amqp_url() -> String {
-    std::env::var("PLEURA_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("PLEURA_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// Redis URL for tests.
@@ -48,8 +49,16 @@ pub fn skip(test: &str, why: &str) {
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let path = exe.parent().and_then(Path::parent).expect("target dir").join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --bins` first (make test does)", path.display());
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (make test does)",
+        path.display()
+    );
     path
 }
 
@@ -65,7 +74,10 @@ where
         }
     })
     .await;
-    assert!(waited.is_ok(), "timed out after {timeout:?} waiting for {what}");
+    assert!(
+        waited.is_ok(),
+        "timed out after {timeout:?} waiting for {what}"
+    );
 }
 
 /// A worker running in this process.
@@ -83,7 +95,10 @@ impl WorkerHandle {
             let _ = tx.send(());
         }
         let join = self.join.take().expect("joined once");
-        tokio::time::timeout(Duration::from_secs(60), join).await.expect("worker stops within 60 s").expect("worker task")
+        tokio::time::timeout(Duration::from_secs(60), join)
+            .await
+            .expect("worker stops within 60 s")
+            .expect("worker task")
     }
 }
 
@@ -107,12 +122,25 @@ pub struct Fleet {
 impl Fleet {
     /// A fresh namespace with a deterministic untrained model of `width`.
     pub fn new(tag: &str, width: i64) -> Fleet {
-        let ns = format!("t-{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let ns = format!(
+            "t-{tag}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let tmp = tempfile::tempdir().expect("tempdir");
         let model_dir = tmp.path().join("model");
-        let spec = ResNetSpec { image_size: 256, ..ResNetSpec::with_width(width) };
-        pleura::manifest::init_model(&spec, 7).expect("init model").write_dir(&model_dir).expect("write model");
-        Fleet { names: Names::new(ns), model_dir, _tmp: tmp }
+        let spec = ResNetSpec {
+            image_size: 256,
+            ..ResNetSpec::with_width(width)
+        };
+        pleura::manifest::init_model(&spec, 7)
+            .expect("init model")
+            .write_dir(&model_dir)
+            .expect("write model");
+        Fleet {
+            names: Names::new(ns),
+            model_dir,
+            _tmp: tmp,
+        }
     }
 
     /// Settings for a worker or the CLI of this fleet.
@@ -131,7 +159,10 @@ impl Fleet {
     /// Environment that points a `pleura` or `pleura-worker` process at this fleet.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("PLEURA_NAMESPACE".into(), self.names.namespace().to_string()),
+            (
+                "PLEURA_NAMESPACE".into(),
+                self.names.namespace().to_string(),
+            ),
             ("PLEURA_AMQP_URL".into(), amqp_url()),
             ("PLEURA_REDIS_URL".into(), redis_url()),
             ("PLEURA_HTTP_ADDR".into(), "127.0.0.1:0".into()),
@@ -143,10 +174,18 @@ impl Fleet {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let http = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let join = tokio::spawn(pleura_worker::run_with_listener(settings, listener, async move {
-            let _ = rx.await;
-        }));
-        WorkerHandle { http, stop: Some(tx), join: Some(join) }
+        let join = tokio::spawn(pleura_worker::run_with_listener(
+            settings,
+            listener,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        WorkerHandle {
+            http,
+            stop: Some(tx),
+            join: Some(join),
+        }
     }
 
     /// Starts a worker in this process and waits until it reports ready.
@@ -154,7 +193,10 @@ impl Fleet {
         let w = self.spawn_worker(settings).await;
         let addr = w.http;
         wait_until("worker ready", Duration::from_secs(120), || async move {
-            http_get(addr, "/readyz").await.map(|(s, _)| s == 200).unwrap_or(false)
+            http_get(addr, "/readyz")
+                .await
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
         })
         .await;
         w
@@ -162,35 +204,65 @@ impl Fleet {
 
     /// A confirm-mode publisher on this fleet's exchange.
     pub async fn publisher(&self) -> (lapin::Connection, Publisher) {
-        let conn = broker::connect(&amqp_url(), "pleura-tests").await.expect("connect to RabbitMQ");
-        let p = Publisher::new(&conn, self.names.clone(), 5).await.expect("publisher");
+        let conn = broker::connect(&amqp_url(), "pleura-tests")
+            .await
+            .expect("connect to RabbitMQ");
+        let p = Publisher::new(&conn, self.names.clone(), 5)
+            .await
+            .expect("publisher");
         (conn, p)
     }
 
     /// Publishes one scan.
     pub async fn submit(&self, p: &Publisher, job_id: &str, body: &[u8], priority: Priority) {
-        p.submit(&Submission { job_id, body, priority, correlation: &[] }).await.expect("publish confirmed");
+        p.submit(&Submission {
+            job_id,
+            body,
+            priority,
+            correlation: &[],
+        })
+        .await
+        .expect("publish confirmed");
     }
 
     /// The result store of this fleet.
     pub async fn store(&self) -> ResultStore {
-        ResultStore::connect(&redis_url(), self.names.clone(), 3600, 100_000).await.expect("connect to Redis")
+        ResultStore::connect(&redis_url(), self.names.clone(), 3600, 100_000)
+            .await
+            .expect("connect to Redis")
     }
 
     /// Waits for every job's result.
     pub async fn wait_results(&self, ids: &[String], timeout: Duration) -> Vec<ScanResult> {
         let store = self.store().await;
-        let got = pleura::cli::wait_for_results(&store, ids, timeout).await.expect("redis");
-        let missing: Vec<&String> = ids.iter().zip(&got).filter(|(_, r)| r.is_none()).map(|(i, _)| i).collect();
-        assert!(missing.is_empty(), "no result within {timeout:?} for {} jobs, e.g. {:?}", missing.len(), missing.first());
+        let got = pleura::cli::wait_for_results(&store, ids, timeout)
+            .await
+            .expect("redis");
+        let missing: Vec<&String> = ids
+            .iter()
+            .zip(&got)
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "no result within {timeout:?} for {} jobs, e.g. {:?}",
+            missing.len(),
+            missing.first()
+        );
         got.into_iter().map(Option::unwrap).collect()
     }
 
     /// Job ids in the results stream, in order, one per entry.
     pub async fn stream_job_ids(&self) -> Vec<String> {
         let mut conn = self.store().await.connection();
-        let entries: redis::streams::StreamRangeReply =
-            redis::cmd("XRANGE").arg(self.names.results_stream()).arg("-").arg("+").query_async(&mut conn).await.expect("xrange");
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.names.results_stream())
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("xrange");
         entries
             .ids
             .iter()
@@ -203,7 +275,11 @@ impl Fleet {
         let mut conn = self.store().await.connection();
         let mut n = 0;
         for id in ids {
-            let exists: bool = redis::cmd("EXISTS").arg(self.names.result_key(id)).query_async(&mut conn).await.expect("exists");
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(self.names.result_key(id))
+                .query_async(&mut conn)
+                .await
+                .expect("exists");
             n += exists as usize;
         }
         n
@@ -211,10 +287,19 @@ impl Fleet {
 
     /// Messages ready in a queue (not counting unacked ones).
     pub async fn ready_count(&self, queue: &str) -> u32 {
-        let conn = broker::connect(&amqp_url(), "pleura-tests").await.expect("connect");
+        let conn = broker::connect(&amqp_url(), "pleura-tests")
+            .await
+            .expect("connect");
         let ch = conn.create_channel().await.expect("channel");
         let q = ch
-            .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, Default::default())
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
             .await
             .expect("queue exists");
         let _ = conn.close(200, "".into()).await;
@@ -223,11 +308,24 @@ impl Fleet {
 
     /// Takes every message from a queue: (message_id, redelivered).
     pub async fn drain(&self, queue: &str) -> Vec<(Option<String>, bool)> {
-        let conn = broker::connect(&amqp_url(), "pleura-tests").await.expect("connect");
+        let conn = broker::connect(&amqp_url(), "pleura-tests")
+            .await
+            .expect("connect");
         let ch = conn.create_channel().await.expect("channel");
         let mut out = Vec::new();
-        while let Some(m) = ch.basic_get(queue.into(), lapin::options::BasicGetOptions::default()).await.expect("get") {
-            out.push((m.delivery.properties.message_id().as_ref().map(|s| s.to_string()), m.delivery.redelivered));
+        while let Some(m) = ch
+            .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
+            .await
+            .expect("get")
+        {
+            out.push((
+                m.delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string()),
+                m.delivery.redelivered,
+            ));
             m.delivery.ack(Default::default()).await.expect("ack");
         }
         let _ = conn.close(200, "".into()).await;
@@ -244,10 +342,14 @@ impl Fleet {
             }
             if let Ok(client) = redis::Client::open(redis_url()) {
                 if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                    let keys: Vec<String> =
-                        redis::cmd("KEYS").arg(format!("{}:*", names.namespace())).query_async(&mut c).await.unwrap_or_default();
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("{}:*", names.namespace()))
+                        .query_async(&mut c)
+                        .await
+                        .unwrap_or_default();
                     if !keys.is_empty() {
-                        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+                        let _: Result<(), _> =
+                            redis::cmd("DEL").arg(keys).query_async(&mut c).await;
                     }
                 }
             }
@@ -261,9 +363,13 @@ impl Drop for Fleet {
         // with a runtime of its own.
         let names = self.names.clone();
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 rt.block_on(async {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), Fleet::cleanup(names)).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(10), Fleet::cleanup(names)).await;
                 });
             }
         })
@@ -275,11 +381,19 @@ impl Drop for Fleet {
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await?;
-    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -287,14 +401,28 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
 pub fn phantoms(n: usize, size: u32) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
-            let finding = if i % 10 == 0 { pleura::phantom::Finding::Effusion } else { pleura::phantom::Finding::NoFinding };
-            pleura::phantom::render_png(finding, &pleura::phantom::PhantomOptions { size, seed: i as u64 })
+            let finding = if i % 10 == 0 {
+                pleura::phantom::Finding::Effusion
+            } else {
+                pleura::phantom::Finding::NoFinding
+            };
+            pleura::phantom::render_png(
+                finding,
+                &pleura::phantom::PhantomOptions {
+                    size,
+                    seed: i as u64,
+                },
+            )
         })
         .collect()
 }
 
 /// Spawns a `pleura-worker` process for this fleet with extra environment.
-pub fn spawn_worker_process(fleet: &Fleet, extra_env: &[(&str, &str)], log: &Path) -> tokio::process::Child {
+pub fn spawn_worker_process(
+    fleet: &Fleet,
+    extra_env: &[(&str, &str)],
+    log: &Path,
+) -> tokio::process::Child {
     let log = std::fs::File::create(log).expect("log file");
     let mut cmd = tokio::process::Command::new(bin("pleura-worker"));
     cmd.arg("--model").arg(&fleet.model_dir);
@@ -304,6 +432,10 @@ pub fn spawn_worker_process(fleet: &Fleet, extra_env: &[(&str, &str)], log: &Pat
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    cmd.env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+    cmd.env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
     cmd.spawn().expect("spawn pleura-worker")
 }

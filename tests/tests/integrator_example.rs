@@ -6,8 +6,12 @@ use std::time::Duration;
 use pleura_tests::*;
 
 fn readme_python() -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let start = readme.find("```python\n").expect("README has a python example") + "```python\n".len();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("```python\n")
+        .expect("README has a python example")
+        + "```python\n".len();
     let len = readme[start..].find("```").unwrap();
     readme[start..start + len].to_string()
 }
@@ -15,7 +19,10 @@ fn readme_python() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_python_example_submits_and_reads_a_result() {
     let Ok(python) = std::env::var("PLEURA_PYTHON") else {
-        return skip("the_readme_python_example", "needs PLEURA_PYTHON with pika and redis (make test sets it)");
+        return skip(
+            "the_readme_python_example",
+            "needs PLEURA_PYTHON with pika and redis (make test sets it)",
+        );
     };
     let fleet = Fleet::new("readme", 8);
     let worker = fleet.spawn_ready_worker(fleet.settings()).await;
@@ -30,9 +37,16 @@ async fn the_readme_python_example_submits_and_reads_a_result() {
     for (k, v) in fleet.env() {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output()).await.expect("example finishes").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("example finishes")
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "example failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "example failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let fields: Vec<&str> = stdout.split_whitespace().collect();
     assert_eq!(fields[0], "ok", "{stdout}");
     assert!(matches!(fields[1], "effusion" | "nofinding"), "{stdout}");

@@ -53,11 +53,19 @@ async fn scans_flow_through_and_redelivery_is_harmless() {
         m
     });
     for id in &ids {
-        assert_eq!(counts.get(id), Some(&1), "job {id} must have exactly one stream entry");
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "job {id} must have exactly one stream entry"
+        );
     }
     assert_eq!(stream.len(), ids.len());
     assert_eq!(fleet.result_key_count(&ids).await, ids.len());
-    assert_eq!(fleet.ready_count(&fleet.names.dead_queue()).await, 0, "nothing dead-lettered");
+    assert_eq!(
+        fleet.ready_count(&fleet.names.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +78,8 @@ async fn poison_is_dead_lettered_and_the_worker_keeps_serving() {
     let bomb = {
         let img = image::GrayImage::new(10_000, 10_000);
         let mut out = Vec::new();
-        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
         out
     };
     assert!(bomb.len() < 2_000_000, "the bomb is small on the wire");
@@ -80,7 +89,11 @@ async fn poison_is_dead_lettered_and_the_worker_keeps_serving() {
         ("corrupt", truncated, "corrupt_image"),
         ("empty", Vec::new(), "empty_body"),
         ("bomb", bomb, "too_large"),
-        ("text", b"%PDF-1.4 definitely not a radiograph".to_vec(), "unsupported_format"),
+        (
+            "text",
+            b"%PDF-1.4 definitely not a radiograph".to_vec(),
+            "unsupported_format",
+        ),
     ];
     let mut ids = Vec::new();
     for (name, body, _) in &cases {
@@ -104,7 +117,9 @@ async fn poison_is_dead_lettered_and_the_worker_keeps_serving() {
         .unwrap();
     // ...and the worker still serves a good scan afterwards.
     let good = new_id("good");
-    fleet.submit(&publisher, &good, &phantoms(1, 256)[0], Priority::Routine).await;
+    fleet
+        .submit(&publisher, &good, &phantoms(1, 256)[0], Priority::Routine)
+        .await;
 
     let results = fleet.wait_results(&ids, Duration::from_secs(120)).await;
     for ((name, _, code), r) in cases.iter().zip(&results) {
@@ -112,7 +127,9 @@ async fn poison_is_dead_lettered_and_the_worker_keeps_serving() {
         assert_eq!(r.error.as_ref().unwrap().code, *code, "{name}");
         assert!(r.p_effusion.is_none() && r.label.is_none());
     }
-    let ok = fleet.wait_results(std::slice::from_ref(&good), Duration::from_secs(60)).await;
+    let ok = fleet
+        .wait_results(std::slice::from_ref(&good), Duration::from_secs(60))
+        .await;
     assert_eq!(ok[0].status, Status::Ok);
 
     let dead_q = fleet.names.dead_queue();
@@ -128,7 +145,10 @@ async fn poison_is_dead_lettered_and_the_worker_keeps_serving() {
     for id in &ids {
         assert!(dead_ids.contains(&Some(id.clone())), "{id} dead-lettered");
     }
-    assert!(dead_ids.contains(&None), "the message without id is dead-lettered");
+    assert!(
+        dead_ids.contains(&None),
+        "the message without id is dead-lettered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,12 +159,20 @@ async fn stat_overtakes_a_routine_backlog() {
     let mut routine = Vec::new();
     for i in 0..200 {
         let id = new_id("routine");
-        fleet.submit(&publisher, &id, &scans[i % scans.len()], Priority::Routine).await;
+        fleet
+            .submit(&publisher, &id, &scans[i % scans.len()], Priority::Routine)
+            .await;
         routine.push(id);
     }
     let stat = new_id("stat");
-    fleet.submit(&publisher, &stat, &scans[0], Priority::Stat).await;
-    assert_eq!(fleet.ready_count(&fleet.names.stat_queue()).await, 1, "the STAT scan is routed to the STAT queue");
+    fleet
+        .submit(&publisher, &stat, &scans[0], Priority::Stat)
+        .await;
+    assert_eq!(
+        fleet.ready_count(&fleet.names.stat_queue()).await,
+        1,
+        "the STAT scan is routed to the STAT queue"
+    );
 
     let worker = fleet.spawn_ready_worker(fleet.settings()).await;
     let mut all = routine.clone();
@@ -156,9 +184,15 @@ async fn stat_overtakes_a_routine_backlog() {
 
     // The stream records completion order.
     let order = fleet.stream_job_ids().await;
-    let before = order.iter().position(|id| *id == stat).expect("stat in stream");
+    let before = order
+        .iter()
+        .position(|id| *id == stat)
+        .expect("stat in stream");
     eprintln!("STAT completed after {before} of 200 routine scans");
-    assert!(before <= 20, "STAT finished after {before} of 200 routine scans; must beat at least 90%");
+    assert!(
+        before <= 20,
+        "STAT finished after {before} of 200 routine scans; must beat at least 90%"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,13 +201,20 @@ async fn readyz_and_metrics_report_the_worker() {
     let worker = fleet.spawn_ready_worker(fleet.settings()).await;
     let (status, body) = http_get(worker.http, "/readyz").await.unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains("broker: connected") && body.contains("model: init-"), "{body}");
+    assert!(
+        body.contains("broker: connected") && body.contains("model: init-"),
+        "{body}"
+    );
     assert_eq!(http_get(worker.http, "/healthz").await.unwrap().0, 200);
 
     let (_conn, publisher) = fleet.publisher().await;
     let id = new_id("m");
-    fleet.submit(&publisher, &id, &phantoms(1, 256)[0], Priority::Routine).await;
-    fleet.wait_results(std::slice::from_ref(&id), Duration::from_secs(60)).await;
+    fleet
+        .submit(&publisher, &id, &phantoms(1, 256)[0], Priority::Routine)
+        .await;
+    fleet
+        .wait_results(std::slice::from_ref(&id), Duration::from_secs(60))
+        .await;
     let (status, metrics) = http_get(worker.http, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     for needle in [
@@ -182,17 +223,26 @@ async fn readyz_and_metrics_report_the_worker() {
         "pleura_jobs_in_flight",
         "pleura_model_info{version=\"init-",
     ] {
-        assert!(metrics.contains(needle), "/metrics lacks {needle}:\n{metrics}");
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle}:\n{metrics}"
+        );
     }
     let addr = worker.http;
     worker.stop().await.expect("clean stop");
-    assert!(http_get(addr, "/readyz").await.is_err(), "endpoints go away with the worker");
+    assert!(
+        http_get(addr, "/readyz").await.is_err(),
+        "endpoints go away with the worker"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_without_a_model_refuses_to_start() {
     let fleet = Fleet::new("nomodel", 8);
-    let settings = pleura::config::Settings { model_dir: None, ..fleet.settings() };
+    let settings = pleura::config::Settings {
+        model_dir: None,
+        ..fleet.settings()
+    };
     let worker = fleet.spawn_worker(settings).await;
     let err = worker.stop().await.expect_err("no model is an error");
     assert!(err.to_string().contains("no model"), "{err}");
@@ -203,6 +253,11 @@ async fn a_worker_without_a_model_refuses_to_start() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&onnx, bytes).unwrap();
-    let err = fleet.spawn_worker(fleet.settings()).await.stop().await.expect_err("tampered model refused");
+    let err = fleet
+        .spawn_worker(fleet.settings())
+        .await
+        .stop()
+        .await
+        .expect_err("tampered model refused");
     assert!(err.to_string().to_lowercase().contains("sha"), "{err}");
 }

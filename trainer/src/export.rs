@@ -96,7 +96,6 @@ impl From<tch::TchError> for ExportError {
     }
 }
 
-
 /// The fleet's own optimised plan for this graph (`pleura::engine::Graph`),
 /// so parity is measured on exactly what the workers will run.
 fn tract_graph(onnx: &[u8], spec: &ResNetSpec) -> Result<Graph, ExportError> {
@@ -172,7 +171,9 @@ fn parity_with(
     let classes = spec.num_classes as usize;
     let mut max_abs_diff = 0f32;
     for (i, (image, want)) in inputs.iter().zip(reference.chunks(classes)).enumerate() {
-        let got = graph.probabilities(image).map_err(|e| ExportError::Tract(e.to_string()))?;
+        let got = graph
+            .probabilities(image)
+            .map_err(|e| ExportError::Tract(e.to_string()))?;
         if got.len() != classes {
             return Err(ExportError::Tract(format!(
                 "input {i}: tract gave {} outputs, expected {classes}",
@@ -439,9 +440,9 @@ pub fn code_revision() -> Option<String> {
 mod tests {
     use super::*;
     use pleura::engine::Engine;
+    use rand::Rng;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
-    use rand::Rng;
     use tch::nn;
 
     fn tiny(size: u32) -> ResNetSpec {

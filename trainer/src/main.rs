@@ -106,7 +106,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     pleura::telemetry::init_tracing(pleura::config::LogFormat::Human, "warn");
     match cli.command {
-        Command::Synth { out, n, prevalence, seed, size } => {
+        Command::Synth {
+            out,
+            n,
+            prevalence,
+            seed,
+            size,
+        } => {
             if !(0.0..=1.0).contains(&prevalence) || n == 0 {
                 eprintln!("pleura-trainer: --n must be >= 1 and --prevalence within [0, 1]");
                 return ExitCode::from(2);
@@ -171,7 +177,11 @@ fn main() -> ExitCode {
 fn print_summary(o: &pleura_trainer::train::TrainOutcome) {
     let v = &o.report.validation;
     let fmt = |x: Option<f64>| x.map(|x| format!("{x:.4}")).unwrap_or_else(|| "n/a".into());
-    println!("best epoch {} of {}", o.report.best_epoch, o.report.epochs.len());
+    println!(
+        "best epoch {} of {}",
+        o.report.best_epoch,
+        o.report.epochs.len()
+    );
     println!("validation: {} images, {} effusion", v.n, v.n_positive);
     println!("  AUROC {}   PR-AUC {}", fmt(v.auroc), fmt(v.pr_auc));
     println!(
@@ -184,7 +194,10 @@ fn print_summary(o: &pleura_trainer::train::TrainOutcome) {
             c.threshold, c.target_recall, s.recall, s.precision, s.specificity
         );
     }
-    println!("training time {:.1} s on {}", o.report.training_seconds, o.report.device);
+    println!(
+        "training time {:.1} s on {}",
+        o.report.training_seconds, o.report.device
+    );
     match &o.exported {
         Some(e) => println!(
             "exported {} to {} (parity max |tract - tch| = {:.2e})",
@@ -192,6 +205,9 @@ fn print_summary(o: &pleura_trainer::train::TrainOutcome) {
             e.dir.display(),
             e.parity_max_abs_diff
         ),
-        None => println!("ablation passed: 100% training accuracy; report in {}", o.report_dir.display()),
+        None => println!(
+            "ablation passed: 100% training accuracy; report in {}",
+            o.report_dir.display()
+        ),
     }
 }

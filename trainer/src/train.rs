@@ -47,10 +47,14 @@ impl std::str::FromStr for ClassWeights {
             "auto" => Ok(ClassWeights::Auto),
             "none" => Ok(ClassWeights::None),
             other => {
-                let (a, b) = other
-                    .split_once(',')
-                    .ok_or_else(|| format!("class weights {other:?}: expected auto, none or A,B"))?;
-                let parse = |v: &str| v.trim().parse::<f64>().map_err(|e| format!("class weight {v:?}: {e}"));
+                let (a, b) = other.split_once(',').ok_or_else(|| {
+                    format!("class weights {other:?}: expected auto, none or A,B")
+                })?;
+                let parse = |v: &str| {
+                    v.trim()
+                        .parse::<f64>()
+                        .map_err(|e| format!("class weight {v:?}: {e}"))
+                };
                 let (a, b) = (parse(a)?, parse(b)?);
                 if !(a > 0.0 && b > 0.0) {
                     return Err("class weights must be positive".into());
@@ -91,7 +95,9 @@ impl std::str::FromStr for Schedule {
                         every: every.parse().map_err(|e| format!("step every: {e}"))?,
                         gamma: gamma.parse().map_err(|e| format!("step gamma: {e}"))?,
                     }),
-                    _ => Err(format!("schedule {other:?}: expected constant, cosine or step:EVERY:GAMMA")),
+                    _ => Err(format!(
+                        "schedule {other:?}: expected constant, cosine or step:EVERY:GAMMA"
+                    )),
                 }
             }
         }
@@ -236,7 +242,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     let started = Instant::now();
     tch::manual_seed(cfg.seed as i64);
     let device = model::device_from(&cfg.device)?;
-    let spec = ResNetSpec { image_size: cfg.image_size, ..ResNetSpec::with_width(cfg.width) };
+    let spec = ResNetSpec {
+        image_size: cfg.image_size,
+        ..ResNetSpec::with_width(cfg.width)
+    };
     let mut dataset = data::scan_dataset(&cfg.data)?;
     if let Some(n) = cfg.ablation {
         dataset = data::subsample(&dataset, n, cfg.seed);
@@ -252,7 +261,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     };
     let n_train_pos = train_set.iter().filter(|s| s.effusion).count();
     let n_val_pos = val_set.iter().filter(|s| s.effusion).count();
-    let weights = class_weights(cfg.class_weights, n_train_pos, train_set.len() - n_train_pos);
+    let weights = class_weights(
+        cfg.class_weights,
+        n_train_pos,
+        train_set.len() - n_train_pos,
+    );
     tracing::info!(
         train = train_set.len(),
         train_effusion = n_train_pos,
@@ -265,15 +278,32 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     );
 
     let limits = Limits::default();
-    let train_loader = Loader::new(train_set.clone(), cfg.image_size, limits, cfg.loader_threads, 4);
-    let val_loader = Loader::new(val_set.clone(), cfg.image_size, limits, cfg.loader_threads, 4);
+    let train_loader = Loader::new(
+        train_set.clone(),
+        cfg.image_size,
+        limits,
+        cfg.loader_threads,
+        4,
+    );
+    let val_loader = Loader::new(
+        val_set.clone(),
+        cfg.image_size,
+        limits,
+        cfg.loader_threads,
+        4,
+    );
 
     let mut vs = nn::VarStore::new(device);
     let net = ResNet::new(&vs.root(), &spec);
     let mut best_vs = nn::VarStore::new(device);
     let _shadow = ResNet::new(&best_vs.root(), &spec);
-    let mut opt = nn::Adam { wd: cfg.weight_decay, ..Default::default() }.build(&vs, cfg.lr)?;
-    let loss_weights = Tensor::from_slice(&[weights[0] as f32, weights[1] as f32]).to_device(device);
+    let mut opt = nn::Adam {
+        wd: cfg.weight_decay,
+        ..Default::default()
+    }
+    .build(&vs, cfg.lr)?;
+    let loss_weights =
+        Tensor::from_slice(&[weights[0] as f32, weights[1] as f32]).to_device(device);
 
     let augment = (cfg.augment && cfg.ablation.is_none()).then(AugmentConfig::default);
     let epochs = cfg.epochs;
@@ -288,15 +318,24 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
         let bar = epoch_bar(cfg.progress, train_loader.len(), epoch, epochs);
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         let epoch_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
-        for batch in train_loader.epoch(cfg.batch_size, Some(epoch_seed), augment.map(|a| (a, epoch_seed))) {
+        for batch in train_loader.epoch(
+            cfg.batch_size,
+            Some(epoch_seed),
+            augment.map(|a| (a, epoch_seed)),
+        ) {
             let batch = batch?;
             let (xs, ys) = tensors(&batch, cfg.image_size, device);
             let logits = net.forward_t(&xs, true);
-            let loss = logits.cross_entropy_loss(&ys, Some(&loss_weights), Reduction::Mean, -100, 0.0);
+            let loss =
+                logits.cross_entropy_loss(&ys, Some(&loss_weights), Reduction::Mean, -100, 0.0);
             opt.backward_step(&loss);
             let n = batch.labels.len();
             loss_sum += loss.double_value(&[]) * n as f64;
-            correct += logits.argmax(1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]) as usize;
+            correct += logits
+                .argmax(1, false)
+                .eq_tensor(&ys)
+                .sum(Kind::Int64)
+                .int64_value(&[]) as usize;
             seen += n;
             bar.inc(n as u64);
             bar.set_message(format!(
@@ -382,10 +421,16 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
 
     if let Some(n) = cfg.ablation {
         if best.is_none() {
-            return Err(TrainError::AblationFailed { n, epochs, accuracy: best_ablation_acc * 100.0, lr: cfg.lr });
+            return Err(TrainError::AblationFailed {
+                n,
+                epochs,
+                accuracy: best_ablation_acc * 100.0,
+                lr: cfg.lr,
+            });
         }
     }
-    let (best_epoch, best_eval, best_scores) = best.ok_or_else(|| TrainError::Config("no epoch ran".into()))?;
+    let (best_epoch, best_eval, best_scores) =
+        best.ok_or_else(|| TrainError::Config("no epoch ran".into()))?;
     let positives: Vec<bool> = val_set.iter().map(|s| s.effusion).collect();
     let mut notes = vec![format!(
         "Validation rests on {} images ({} effusion); with so few, every metric has a wide uncertainty.",
@@ -420,12 +465,19 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
         let dir = cfg.out.join(format!("ablation-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::Report(e.to_string()))?;
         report::write_report(&dir, &rep).map_err(|e| TrainError::Report(e.to_string()))?;
-        return Ok(TrainOutcome { exported: None, report: rep, report_dir: dir });
+        return Ok(TrainOutcome {
+            exported: None,
+            report: rep,
+            report_dir: dir,
+        });
     }
 
     // Export the best epoch's weights, parity-checked against tract.
     vs.copy(&best_vs)?;
-    let threshold = best_eval.chosen.map(|c| c.threshold).unwrap_or(pleura::manifest::DEFAULT_THRESHOLD);
+    let threshold = best_eval
+        .chosen
+        .map(|c| c.threshold)
+        .unwrap_or(pleura::manifest::DEFAULT_THRESHOLD);
     let threshold = threshold.clamp(1e-6, 1.0 - 1e-6);
     let parity_inputs = first_images(&val_loader, 8, cfg)?;
     let metrics_json = serde_json::to_value(&best_eval).expect("metrics serialise");
@@ -450,7 +502,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     rep.training_seconds = started.elapsed().as_secs_f64();
     report::write_report(&exported.dir, &rep).map_err(|e| TrainError::Report(e.to_string()))?;
     let dir = exported.dir.clone();
-    Ok(TrainOutcome { exported: Some(exported), report: rep, report_dir: dir })
+    Ok(TrainOutcome {
+        exported: Some(exported),
+        report: rep,
+        report_dir: dir,
+    })
 }
 
 fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
@@ -502,7 +558,14 @@ fn fingerprint(val: &[Sample]) -> String {
     let mut names: Vec<String> = val
         .iter()
         .map(|s| {
-            format!("{}:{}", s.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), s.effusion)
+            format!(
+                "{}:{}",
+                s.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                s.effusion
+            )
         })
         .collect();
     names.sort();
@@ -512,7 +575,9 @@ fn fingerprint(val: &[Sample]) -> String {
 fn tensors(batch: &Batch, size: u32, device: Device) -> (Tensor, Tensor) {
     let n = batch.labels.len() as i64;
     let s = size as i64;
-    let xs = Tensor::from_slice(&batch.images).view([n, 1, s, s]).to_device(device);
+    let xs = Tensor::from_slice(&batch.images)
+        .view([n, 1, s, s])
+        .to_device(device);
     let ys = Tensor::from_slice(&batch.labels).to_device(device);
     (xs, ys)
 }
@@ -533,9 +598,13 @@ fn evaluate(
             let batch = batch?;
             let (xs, ys) = tensors(&batch, cfg.image_size, device);
             let logits = net.forward_t(&xs, false);
-            let loss = logits.cross_entropy_loss(&ys, Some(loss_weights), Reduction::Mean, -100, 0.0);
+            let loss =
+                logits.cross_entropy_loss(&ys, Some(loss_weights), Reduction::Mean, -100, 0.0);
             loss_sum += loss.double_value(&[]) * batch.labels.len() as f64;
-            let p = logits.softmax(1, Kind::Float).select(1, 0).to_device(Device::Cpu);
+            let p = logits
+                .softmax(1, Kind::Float)
+                .select(1, 0)
+                .to_device(Device::Cpu);
             let p: Vec<f32> = Vec::<f32>::try_from(&p)?;
             scores.extend(p);
             positives.extend(batch.labels.iter().map(|&l| l == 0));
@@ -587,15 +656,27 @@ mod tests {
         assert!((wp / wn - 9.0).abs() < 1e-9);
         assert!(((wp + wn) / 2.0 - 1.0).abs() < 1e-9);
         assert_eq!(class_weights(ClassWeights::None, 10, 90), [1.0, 1.0]);
-        assert_eq!(class_weights(ClassWeights::Manual(3.0, 1.0), 10, 90), [3.0, 1.0]);
+        assert_eq!(
+            class_weights(ClassWeights::Manual(3.0, 1.0), 10, 90),
+            [3.0, 1.0]
+        );
     }
 
     #[test]
     fn flags_parse() {
         assert_eq!("auto".parse::<ClassWeights>().unwrap(), ClassWeights::Auto);
-        assert_eq!("2,0.5".parse::<ClassWeights>().unwrap(), ClassWeights::Manual(2.0, 0.5));
+        assert_eq!(
+            "2,0.5".parse::<ClassWeights>().unwrap(),
+            ClassWeights::Manual(2.0, 0.5)
+        );
         assert!("0,1".parse::<ClassWeights>().is_err());
-        assert_eq!("step:5:0.5".parse::<Schedule>().unwrap(), Schedule::Step { every: 5, gamma: 0.5 });
+        assert_eq!(
+            "step:5:0.5".parse::<Schedule>().unwrap(),
+            Schedule::Step {
+                every: 5,
+                gamma: 0.5
+            }
+        );
         assert!("linear".parse::<Schedule>().is_err());
     }
 
@@ -604,7 +685,10 @@ mod tests {
         let c = Schedule::Cosine;
         assert_eq!(c.lr(1.0, 0, 10), 1.0);
         assert!((c.lr(1.0, 5, 10) - 0.5).abs() < 1e-12);
-        let s = Schedule::Step { every: 2, gamma: 0.1 };
+        let s = Schedule::Step {
+            every: 2,
+            gamma: 0.1,
+        };
         assert!((s.lr(1.0, 3, 10) - 0.1).abs() < 1e-12);
         assert_eq!(Schedule::Constant.lr(0.3, 7, 10), 0.3);
     }

@@ -5,8 +5,8 @@
 //! cancelled task, a bug) the guard's `Drop` nacks it back onto the queue, so
 //! a delivery can never be silently held until the connection dies.
 
-use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::Acker;
 
 /// How a delivery was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,12 @@ async fn settle(acker: &Acker, how: Settlement) -> bool {
     let outcome = match how {
         Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
         Settlement::Requeue => {
-            acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
         }
         Settlement::DeadLetter => acker.reject(BasicRejectOptions { requeue: false }).await,
     };

@@ -42,7 +42,9 @@ pub fn metrics_handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".into()),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
                 )
                 .expect("valid buckets");
             let recorder = builder.build_recorder();
@@ -57,7 +59,12 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// A delivery has been settled.
-pub fn job_finished(job_id: Option<&str>, outcome: Outcome, model_version: Option<&str>, total: Duration) {
+pub fn job_finished(
+    job_id: Option<&str>,
+    outcome: Outcome,
+    model_version: Option<&str>,
+    total: Duration,
+) {
     metrics::counter!("pleura_jobs_total", "outcome" => outcome.as_str()).increment(1);
     metrics::histogram!("pleura_stage_seconds", "stage" => "total").record(total.as_secs_f64());
     tracing::info!(
@@ -77,7 +84,12 @@ pub fn stage(stage: &'static str, seconds: f64) {
 /// A scan could not be used.
 pub fn scan_rejected(job_id: Option<&str>, code: &str, message: &str) {
     metrics::counter!("pleura_rejected_total", "code" => code.to_string()).increment(1);
-    tracing::warn!(job_id = job_id.unwrap_or("-"), code, reason = message, "scan rejected to the dead-letter queue");
+    tracing::warn!(
+        job_id = job_id.unwrap_or("-"),
+        code,
+        reason = message,
+        "scan rejected to the dead-letter queue"
+    );
 }
 
 /// A job failed for a reason that may pass; it goes back on the queue.
@@ -102,5 +114,9 @@ pub fn in_flight(delta: f64) {
 pub fn model_loaded(version: &str, load: Duration) {
     metrics::gauge!("pleura_model_info", "version" => version.to_string()).set(1.0);
     metrics::histogram!("pleura_model_load_seconds").record(load.as_secs_f64());
-    tracing::info!(model_version = version, load_ms = load.as_millis() as u64, "model loaded and warmed");
+    tracing::info!(
+        model_version = version,
+        load_ms = load.as_millis() as u64,
+        "model loaded and warmed"
+    );
 }

@@ -22,7 +22,12 @@ struct AppState {
 }
 
 /// Serves the endpoints on `listener` until `stop` fires.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: PrometheusHandle, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+    stop: CancellationToken,
+) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -50,6 +55,14 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
     }
 }
 
-async fn render_metrics(State(s): State<AppState>) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+async fn render_metrics(
+    State(s): State<AppState>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
 }

@@ -40,15 +40,29 @@ impl Job {
                     .collect()
             })
             .unwrap_or_default();
-        let header = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
         let priority = Priority::from_markers(*p.priority(), header(HEADER_PRIORITY));
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as f64;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as f64;
         let submitted_ms = header(HEADER_SUBMITTED_MS)
             .and_then(|v| v.parse::<f64>().ok())
             .or_else(|| p.timestamp().map(|s| s as f64 * 1e3));
         let queue_ms = submitted_ms.map(|s| (now_ms - s).max(0.0));
-        let correlation = wire::correlation_headers(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        Job { job_id, priority, correlation, queue_ms }
+        let correlation =
+            wire::correlation_headers(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        Job {
+            job_id,
+            priority,
+            correlation,
+            queue_ms,
+        }
     }
 }
 
@@ -89,10 +103,17 @@ mod tests {
 
     #[test]
     fn reads_id_priority_and_correlation() {
-        let j = Job::from_properties(&props(Some("j-1"), Some(7), &[("x-pleura-accession", "A9"), ("x-pleura-submitted-ms", "0")]));
+        let j = Job::from_properties(&props(
+            Some("j-1"),
+            Some(7),
+            &[("x-pleura-accession", "A9"), ("x-pleura-submitted-ms", "0")],
+        ));
         assert_eq!(j.job_id.as_deref(), Ok("j-1"));
         assert_eq!(j.priority, Priority::Stat);
-        assert_eq!(j.correlation.get("x-pleura-accession").map(String::as_str), Some("A9"));
+        assert_eq!(
+            j.correlation.get("x-pleura-accession").map(String::as_str),
+            Some("A9")
+        );
         assert!(!j.correlation.contains_key("x-pleura-submitted-ms"));
         assert!(j.queue_ms.unwrap() > 0.0);
     }

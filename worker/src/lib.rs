@@ -104,7 +104,10 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs a worker until `shutdown` resolves, then finishes the jobs in flight.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     let listener = TcpListener::bind(&settings.http_addr).await?;
     run_with_listener(settings, listener, shutdown).await
 }
@@ -138,10 +141,19 @@ pub async fn run_with_listener(
     let worker_id = settings.resolved_worker_id();
     let names = settings.names();
     let model = empty_slot();
-    let health = Arc::new(Health { channel: OnceLock::new(), model: model.clone(), stopping: AtomicBool::new(false) });
+    let health = Arc::new(Health {
+        channel: OnceLock::new(),
+        model: model.clone(),
+        stopping: AtomicBool::new(false),
+    });
     let http_addr: SocketAddr = listener.local_addr()?;
     let http_stop = CancellationToken::new();
-    let http_task = tokio::spawn(http::serve(listener, health.clone(), events::metrics_handle(), http_stop.clone()));
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        health.clone(),
+        events::metrics_handle(),
+        http_stop.clone(),
+    ));
     tracing::info!(
         worker = %worker_id,
         namespace = names.namespace(),
@@ -172,7 +184,9 @@ async fn serve(
 ) -> Result<(), WorkerError> {
     // 1. The model, on a blocking thread: optimising takes seconds of CPU.
     let Some(model_dir) = settings.model_dir.clone() else {
-        return Err(WorkerError::Config("no model: set model_dir (or pass --model DIR)".into()));
+        return Err(WorkerError::Config(
+            "no model: set model_dir (or pass --model DIR)".into(),
+        ));
     };
     let t0 = Instant::now();
     let engine = tokio::task::spawn_blocking(move || Engine::load(&model_dir))
@@ -183,29 +197,50 @@ async fn serve(
 
     // 2. Redis and RabbitMQ, waiting for them if they are not up yet.
     let store = match connect_with_retry("redis", &stop, || {
-        ResultStore::connect(&settings.redis_url, names.clone(), settings.result_ttl_secs, settings.results_stream_maxlen)
+        ResultStore::connect(
+            &settings.redis_url,
+            names.clone(),
+            settings.result_ttl_secs,
+            settings.results_stream_maxlen,
+        )
     })
     .await
     {
         Some(s) => s,
         None => return Ok(()),
     };
-    let conn = match connect_with_retry("rabbitmq", &stop, || broker::connect(&settings.amqp_url, &worker_id)).await {
+    let conn = match connect_with_retry("rabbitmq", &stop, || {
+        broker::connect(&settings.amqp_url, &worker_id)
+    })
+    .await
+    {
         Some(c) => c,
         None => return Ok(()),
     };
 
     let threads = settings.resolved_inference_threads();
-    let prefetch = (threads as u32 * settings.prefetch_per_thread as u32).min(u16::MAX as u32) as u16;
-    let (stat_ch, routine_ch) = open_channels(&conn, &names, settings.delivery_limit, prefetch).await?;
+    let prefetch =
+        (threads as u32 * settings.prefetch_per_thread as u32).min(u16::MAX as u32) as u16;
+    let (stat_ch, routine_ch) =
+        open_channels(&conn, &names, settings.delivery_limit, prefetch).await?;
     let _ = health.channel.set(stat_ch.clone());
     let tag = format!("{worker_id}-{}", uuid_suffix());
     let mut stat = stat_ch
-        .basic_consume(names.stat_queue().into(), format!("{tag}-stat").into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            names.stat_queue().into(),
+            format!("{tag}-stat").into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(BrokerError::from)?;
     let mut routine = routine_ch
-        .basic_consume(names.routine_queue().into(), format!("{tag}-routine").into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            names.routine_queue().into(),
+            format!("{tag}-routine").into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(BrokerError::from)?;
     tracing::info!(threads, prefetch, "consuming");
@@ -252,7 +287,9 @@ async fn serve(
                 tracing::info!("connection recovered");
             }
             None => {
-                failure = Some(WorkerError::Config("the broker cancelled our consumer (queue deleted?)".into()));
+                failure = Some(WorkerError::Config(
+                    "the broker cancelled our consumer (queue deleted?)".into(),
+                ));
                 break;
             }
         }
@@ -262,13 +299,25 @@ async fn serve(
     // jobs in flight finish and ack within the grace period.
     health.stopping.store(true, Ordering::Relaxed);
     for (ch, suffix) in [(&stat_ch, "stat"), (&routine_ch, "routine")] {
-        let _ = ch.basic_cancel(format!("{tag}-{suffix}").into(), BasicCancelOptions::default()).await;
+        let _ = ch
+            .basic_cancel(
+                format!("{tag}-{suffix}").into(),
+                BasicCancelOptions::default(),
+            )
+            .await;
     }
     tracker.close();
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
-    tracing::info!(in_flight = tracker.len(), grace_secs = grace.as_secs(), "draining jobs in flight");
+    tracing::info!(
+        in_flight = tracker.len(),
+        grace_secs = grace.as_secs(),
+        "draining jobs in flight"
+    );
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(in_flight = tracker.len(), "grace period over; requeueing unfinished jobs");
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "grace period over; requeueing unfinished jobs"
+        );
         ctx.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
@@ -290,7 +339,9 @@ async fn open_channels(
     broker::declare_topology(&stat, names, delivery_limit).await?;
     stat.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let routine = conn.create_channel().await?;
-    routine.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    routine
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
     Ok((stat, routine))
 }
 
@@ -301,9 +352,14 @@ async fn connect_with_retry<T, E: std::fmt::Display, Fut: Future<Output = Result
     stop: &CancellationToken,
     connect: impl FnMut() -> Fut,
 ) -> Option<T> {
-    retry(connect, Backoff::new(Duration::from_millis(200), Duration::from_secs(5)), stop, |e, attempt| {
-        tracing::warn!(service = what, attempt, error = %e, "cannot connect yet; retrying");
-    })
+    retry(
+        connect,
+        Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+        stop,
+        |e, attempt| {
+            tracing::warn!(service = what, attempt, error = %e, "cannot connect yet; retrying");
+        },
+    )
     .await
     .ok()
 }
@@ -320,7 +376,13 @@ fn now_rfc3339() -> String {
 async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
     let received = Instant::now();
     events::in_flight(1.0);
-    let lapin::message::Delivery { properties, data, acker, redelivered, .. } = delivery;
+    let lapin::message::Delivery {
+        properties,
+        data,
+        acker,
+        redelivered,
+        ..
+    } = delivery;
     let guard = AckGuard::new(acker);
     let job = job::Job::from_properties(&properties);
     if let Some(ms) = job.queue_ms {
@@ -352,7 +414,12 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
         threshold: None,
         model_version: None,
         priority: job.priority,
-        timings_ms: Timings { queue: job.queue_ms, decode: 0.0, infer: 0.0, total: 0.0 },
+        timings_ms: Timings {
+            queue: job.queue_ms,
+            decode: 0.0,
+            infer: 0.0,
+            total: 0.0,
+        },
         worker: ctx.worker_id.clone(),
         completed_at: String::new(),
         error: None,
@@ -373,7 +440,10 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
         Err(AnalyseError::Scan(e)) => {
             events::scan_rejected(Some(&job_id), e.code(), &e.to_string());
             result.status = Status::Error;
-            result.error = Some(ErrorInfo { code: e.code().to_string(), message: e.to_string() });
+            result.error = Some(ErrorInfo {
+                code: e.code().to_string(),
+                message: e.to_string(),
+            });
             (Settlement::DeadLetter, Outcome::Error)
         }
         Err(e) => {
@@ -401,10 +471,16 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
     .await;
     match written {
         Ok(_) => {
-            ctx.redis_ok.send_if_modified(|ok| !std::mem::replace(ok, true));
+            ctx.redis_ok
+                .send_if_modified(|ok| !std::mem::replace(ok, true));
             events::stage("write", t_write.elapsed().as_secs_f64());
             guard.settle(settlement).await;
-            events::job_finished(Some(&job_id), outcome, result.model_version.as_deref(), received.elapsed());
+            events::job_finished(
+                Some(&job_id),
+                outcome,
+                result.model_version.as_deref(),
+                received.elapsed(),
+            );
         }
         Err(retry::Cancelled) => {
             guard.settle(Settlement::Requeue).await;

@@ -39,7 +39,10 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(pleura_worker::run(settings, pleura_worker::shutdown_signal())) {
+    match runtime.block_on(pleura_worker::run(
+        settings,
+        pleura_worker::shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "worker failed");

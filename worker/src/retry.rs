@@ -20,7 +20,10 @@ pub struct Backoff {
 impl Backoff {
     /// A schedule starting at `start` and capped at `max`.
     pub fn new(start: Duration, max: Duration) -> Backoff {
-        Backoff { next: start.min(max), max }
+        Backoff {
+            next: start.min(max),
+            max,
+        }
     }
 
     /// The delay before the next attempt.
@@ -90,7 +93,11 @@ mod tests {
         let v = retry(
             || async {
                 let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-                if n < 5 { Err(n) } else { Ok(n) }
+                if n < 5 {
+                    Err(n)
+                } else {
+                    Ok(n)
+                }
             },
             Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
             &cancel,
@@ -109,7 +116,13 @@ mod tests {
         let start = Instant::now();
         let cancel = CancellationToken::new();
         let v = retry(
-            || async { if start.elapsed() < Duration::from_secs(60) { Err(()) } else { Ok(()) } },
+            || async {
+                if start.elapsed() < Duration::from_secs(60) {
+                    Err(())
+                } else {
+                    Ok(())
+                }
+            },
             Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             &cancel,
             |_, _| {},
@@ -117,7 +130,10 @@ mod tests {
         .await;
         assert_eq!(v, Ok(()));
         let waited = start.elapsed();
-        assert!(waited >= Duration::from_secs(60) && waited <= Duration::from_secs(65), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(60) && waited <= Duration::from_secs(65),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
