@@ -355,14 +355,7 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> Result<ExitCode, CliEr
         return Ok(ExitCode::SUCCESS);
     }
 
-    let store = ResultStore::connect(
-        &settings.redis_url,
-        settings.names(),
-        settings.result_ttl_secs,
-        settings.results_stream_maxlen,
-    )
-    .await
-    .map_err(failed)?;
+    let store = result_store(settings).await?;
     let ids: Vec<String> = jobs.iter().map(|(_, id)| id.clone()).collect();
     let results = wait_for_results(&store, &ids, Duration::from_secs(args.timeout))
         .await
@@ -432,15 +425,19 @@ pub async fn wait_for_results(
     Ok(results)
 }
 
-async fn result(settings: &Settings, job_id: &str, json: bool) -> Result<ExitCode, CliError> {
-    let store = ResultStore::connect(
+async fn result_store(settings: &Settings) -> Result<ResultStore, CliError> {
+    ResultStore::connect(
         &settings.redis_url,
         settings.names(),
         settings.result_ttl_secs,
         settings.results_stream_maxlen,
     )
     .await
-    .map_err(failed)?;
+    .map_err(failed)
+}
+
+async fn result(settings: &Settings, job_id: &str, json: bool) -> Result<ExitCode, CliError> {
+    let store = result_store(settings).await?;
     match store.get(job_id).await.map_err(failed)? {
         None => Err(CliError::Failed(format!(
             "no result for job {job_id} (not finished, unknown, or expired)"

@@ -827,7 +827,7 @@ mod tests {
     /// The real seed network (ResNet-18 at 256x256): slow in a debug build,
     /// so run on demand: `cargo test -p pleura-trainer --lib -- --ignored`.
     #[test]
-    #[ignore]
+    #[ignore = "the full ResNet-18 at 256 is slow in a debug build; run with --ignored"]
     fn default_spec_parity() {
         let spec = ResNetSpec::default();
         let (vs, m) = build(&spec, 7);
