@@ -204,7 +204,7 @@ fn progress(len: usize, what: &'static str) -> ProgressBar {
 }
 
 /// One row of output: a file and what became of it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 struct Row {
     file: String,
     job_id: String,
@@ -343,12 +343,7 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> Result<ExitCode, CliEr
                 file,
                 job_id,
                 status: "submitted".into(),
-                label: None,
-                p_effusion: None,
-                threshold: None,
-                model_version: None,
-                ms: None,
-                error: None,
+                ..Row::default()
             })
             .collect();
         print_rows(&rows, args.json);
@@ -369,12 +364,8 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> Result<ExitCode, CliEr
                 file,
                 job_id,
                 status: "timeout".into(),
-                label: None,
-                p_effusion: None,
-                threshold: None,
-                model_version: None,
-                ms: None,
                 error: Some(format!("timeout: no result within {}s", args.timeout)),
+                ..Row::default()
             },
         })
         .collect();
@@ -503,12 +494,10 @@ fn classify(
                 file,
                 job_id: "-".into(),
                 status: "error".into(),
-                label: None,
-                p_effusion: None,
-                threshold: None,
                 model_version: Some(classifier.engine().version().into()),
                 ms: Some(ms),
                 error: Some(e),
+                ..Row::default()
             },
         });
         bar.inc(1);
