@@ -15,12 +15,17 @@ services:
 	@scripts/ensure-services.sh
 
 # Python is only for checks that need the reference tools: the `onnx`
-# package's checker, and the README's integrator example (pika, redis).
-$(PYTHON):
-	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check onnx==1.23.2 pika==1.4.4 redis==8.1.0
+# package's checker, the README's integrator example (pika, redis), and a
+# real S3-compatible server for the s3:// registry test (moto's server mode).
+# The stamp names the package set, so changing it reinstalls on old caches.
+VENV_STAMP := $(VENV)/.pleura-packages-2
+$(VENV_STAMP):
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --disable-pip-version-check \
+	  onnx==1.23.2 pika==1.4.4 redis==8.1.0 'moto[server]==5.2.5'
+	touch $@
 
-venv: $(PYTHON)
+venv: $(VENV_STAMP)
 
 # libtorch 2.13 for tch 0.26, from the PyPI torch wheel (the only source that
 # works here); ~540 MB, cached outside the work tree. Only the trainer links it.

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: services up, build, train a quick model on phantoms, two workers, the sample scans
-# through the fleet, the results table, workers stopped.
+# `make demo`: services up, build, a signing key and a file:// registry, two
+# workers following it, a quick model trained on phantoms and published, the
+# workers hot-reloading it, the sample scans through the fleet, a rollback
+# drill, workers stopped.
 #
 # Scans come from $PLEURA_DATA or ../shared/data (real NIH images and DICOMs)
 # when present, else from the folder in $DEMO_SCANS.
@@ -16,16 +18,23 @@ DEMO=target/demo
 mkdir -p "$DEMO"
 export PLEURA_NAMESPACE=${PLEURA_NAMESPACE:-pleura-demo}
 
-echo "== training a quick model on phantoms"
-# Synthetic phantoms and a small, fast network: this shows the whole loop
-# (train -> evaluate -> export -> serve) in a few minutes on 2 cores. It is a
-# demo model, not a clinical one: phantoms never stand in for real data.
-rm -rf "$DEMO/phantoms" "$DEMO/models"
-"$BIN/pleura-trainer" synth --out "$DEMO/phantoms" --n 300 --prevalence 0.1 --size 256 --seed 1
-"$BIN/pleura-trainer" train --data "$DEMO/phantoms" --out "$DEMO/models" --width 16 --image-size 128 \
-  --epochs 25 --batch-size 16 --lr 1e-3 --seed 1 --version demo-$(date +%Y%m%d%H%M%S)
-MODEL=$(ls -d "$DEMO"/models/*/ | head -1)
-echo "   model: $MODEL (report: $MODEL/report.md)"
+# The registry: a file:// store in the demo folder, a fresh signing key, and
+# this namespace's registry state in Redis cleared so every run starts clean.
+REG="$DEMO/registry"
+rm -rf "$REG" "$DEMO/keys" "$DEMO/init" "$DEMO/phantoms" "$DEMO/models"
+if command -v redis-cli >/dev/null; then
+  redis-cli --scan --pattern "$PLEURA_NAMESPACE:*" | xargs -r redis-cli del >/dev/null
+fi
+export PLEURA_REGISTRY_URL="file://$(mkdir -p "$REG" && cd "$REG" && pwd)"
+"$BIN/pleura" models keygen --out "$DEMO/keys" --name demo
+export PLEURA_SIGNING_KEY_FILE="$DEMO/keys/demo.key"
+export PLEURA_TRUSTED_KEYS="$DEMO/keys/demo.pub"
+export PLEURA_RECONCILE_INTERVAL_SECS=10
+
+echo "== bring-up: publishing an untrained placeholder (forced past the gate)"
+"$BIN/pleura" models init --out "$DEMO/init" --width 16 --image-size 128 --seed 1
+"$BIN/pleura" models publish "$DEMO/init" --force --reason "bring-up: untrained placeholder"
+INIT=$(sed -n 's/.*"version": "\(.*\)".*/\1/p' "$DEMO/init/model.json")
 
 scans=()
 data=${PLEURA_DATA:-../shared/data}
@@ -38,7 +47,7 @@ else
   exit 2
 fi
 
-echo "== starting two workers"
+echo "== starting two workers that follow the registry"
 pids=()
 stop_workers() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -47,19 +56,45 @@ stop_workers() {
 trap stop_workers EXIT
 for i in 1 2; do
   PLEURA_HTTP_ADDR=127.0.0.1:$((9100 + i)) PLEURA_WORKER_ID=demo-worker-$i PLEURA_INFERENCE_THREADS=1 \
-    "$BIN/pleura-worker" --model "$MODEL" 2>"$DEMO/worker$i.log" &
+    "$BIN/pleura-worker" 2>"$DEMO/worker$i.log" &
   pids+=($!)
 done
-for i in 1 2; do
+
+# Waits until `pleura fleet status` shows both workers ready on version $1.
+wait_fleet_on() {
   for _ in $(seq 1 120); do
-    if (exec 3<>/dev/tcp/127.0.0.1/$((9100 + i))) 2>/dev/null && \
-       { exec 3<>/dev/tcp/127.0.0.1/$((9100 + i)); printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3; head -1 <&3 | grep -q 200; }; then
-      echo "   worker $i ready (http://127.0.0.1:$((9100 + i))/metrics)"; break
+    if [ "$("$BIN/pleura" fleet status | grep -c " ready .*$1")" -ge 2 ]; then
+      "$BIN/pleura" fleet status; return 0
     fi
     sleep 0.5
   done
-done
+  echo "error: the workers did not switch to $1; see $DEMO/worker*.log" >&2
+  "$BIN/pleura" fleet status; return 1
+}
+wait_fleet_on "$INIT"
+
+echo "== training a quick model on phantoms, then publishing it (gate, signature, activation)"
+# Synthetic phantoms and a small, fast network: this shows the whole loop
+# (train -> evaluate -> export -> publish -> hot reload) in a few minutes on
+# 2 cores. It is a demo model, not a clinical one: phantoms never stand in
+# for real data.
+VERSION=demo-$(date +%Y%m%d%H%M%S)
+"$BIN/pleura-trainer" synth --out "$DEMO/phantoms" --n 300 --prevalence 0.1 --size 256 --seed 1
+"$BIN/pleura-trainer" train --data "$DEMO/phantoms" --out "$DEMO/models" --width 16 --image-size 128 \
+  --epochs 25 --batch-size 16 --lr 1e-3 --seed 1 --version "$VERSION" --publish
+echo "   report: $DEMO/models/$VERSION/report.md"
+
+echo "== the workers pick the new model up without a restart"
+wait_fleet_on "$VERSION"
+"$BIN/pleura" models list
 
 echo "== submitting ${scans[*]}"
 "$BIN/pleura" submit --wait --timeout 600 "${scans[@]}"
+
+echo "== rollback drill: one command takes the fleet back, and forward again"
+"$BIN/pleura" models activate "$INIT" --reason "demo: rollback drill"
+wait_fleet_on "$INIT"
+"$BIN/pleura" models activate "$VERSION" --reason "demo: roll forward"
+wait_fleet_on "$VERSION"
+"$BIN/pleura" models history --limit 5
 echo "== stopping workers (SIGTERM: they finish what they hold and exit 0)"

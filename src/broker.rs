@@ -165,6 +165,83 @@ fn scan_queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
     args
 }
 
+/// Declares `{ns}.models`, the fanout exchange of model announcements.
+pub async fn declare_models_exchange(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            names.models_exchange().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Binds a worker's own announcement queue: exclusive and auto-delete, so it
+/// vanishes with the worker's connection and never collects messages for a
+/// worker that is gone. Returns the queue name.
+pub async fn bind_models_queue(
+    channel: &Channel,
+    names: &Names,
+    worker_id: &str,
+) -> Result<String, BrokerError> {
+    declare_models_exchange(channel, names).await?;
+    let queue = names.models_queue(worker_id);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            names.models_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue)
+}
+
+/// Tells every worker a new version is active. Best effort by design:
+/// workers also reconcile against Redis on a timer, so an announcement that
+/// never arrives only delays the switch.
+pub async fn announce_model(
+    conn: &Connection,
+    names: &Names,
+    announcement: &crate::wire::ModelAnnouncement,
+) -> Result<(), BrokerError> {
+    let channel = conn.create_channel().await?;
+    declare_models_exchange(&channel, names).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let body = serde_json::to_vec(announcement).expect("an announcement serialises");
+    channel
+        .basic_publish(
+            names.models_exchange().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await?
+        .await?;
+    let _ = channel.close(200, "announced".into()).await;
+    Ok(())
+}
+
 /// Deletes every queue and exchange of a namespace. For tests and for
 /// decommissioning a fleet; never called by the worker.
 pub async fn delete_topology(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
@@ -179,6 +256,7 @@ pub async fn delete_topology(channel: &Channel, names: &Names) -> Result<(), Bro
         names.scans_exchange(),
         names.routine_exchange(),
         names.dead_letter_exchange(),
+        names.models_exchange(),
     ] {
         channel
             .exchange_delete(x.into(), Default::default())

@@ -50,9 +50,44 @@ pub struct Settings {
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
     /// Directory holding `model.onnx` and `model.json`. Pins the worker to this
-    /// local model.
+    /// local model and bypasses the registry.
     #[serde(default)]
     pub model_dir: Option<PathBuf>,
+    /// Where published model artifacts live: `file:///dir` (a directory or a
+    /// mounted volume) or `s3://bucket/prefix` (endpoint and credentials from
+    /// the standard `AWS_*` environment variables).
+    #[serde(default = "default_registry_url")]
+    pub registry_url: String,
+    /// Public keys whose model signatures are trusted: each is 64 hex digits
+    /// or the path of a `.pub` file from `pleura models keygen`. In the
+    /// environment, `PLEURA_TRUSTED_KEYS` is comma-separated.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Serve models that carry no signature. Their hash is still checked.
+    /// Off by default: only for development set-ups without keys.
+    #[serde(default)]
+    pub allow_unsigned_models: bool,
+    /// Private key that `models publish` and `pleura-trainer --publish` sign
+    /// with (a mounted secret in Kubernetes). Unset: publish unsigned.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+    /// Seconds between a worker's checks of the active version in Redis, so
+    /// a missed announcement heals by itself.
+    #[serde(default = "default_reconcile_interval_secs")]
+    pub reconcile_interval_secs: u64,
+    /// Seconds between a worker's heartbeats; each lives three intervals.
+    #[serde(default = "default_heartbeat_interval_secs")]
+    pub heartbeat_interval_secs: u64,
+    /// Largest difference allowed between a golden case's recorded and
+    /// computed probabilities when a worker canaries a new model.
+    #[serde(default = "default_canary_tolerance")]
+    pub canary_tolerance: f32,
+    /// Promotion gate: lowest validation AUROC a published model may have.
+    #[serde(default = "default_gate_min_auroc")]
+    pub gate_min_auroc: f64,
+    /// Promotion gate: lowest validation recall at the model's own threshold.
+    #[serde(default = "default_gate_min_recall")]
+    pub gate_min_recall: f64,
     /// Inference threads, each with its own model state; 0 means one per core.
     #[serde(default)]
     pub inference_threads: usize,
@@ -103,6 +138,24 @@ fn default_amqp_url() -> String {
 }
 fn default_redis_url() -> String {
     "redis://127.0.0.1:6379/0".into()
+}
+fn default_registry_url() -> String {
+    "file:///var/lib/pleura/registry".into()
+}
+fn default_reconcile_interval_secs() -> u64 {
+    30
+}
+fn default_heartbeat_interval_secs() -> u64 {
+    5
+}
+fn default_canary_tolerance() -> f32 {
+    1e-3
+}
+fn default_gate_min_auroc() -> f64 {
+    0.80
+}
+fn default_gate_min_recall() -> f64 {
+    0.85
 }
 fn default_prefetch_per_thread() -> u16 {
     2
@@ -173,6 +226,8 @@ impl Settings {
             config::Environment::with_prefix("PLEURA")
                 .prefix_separator("_")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("trusted_keys")
                 .source(Some(env)),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
@@ -201,6 +256,22 @@ impl Settings {
         }
         if self.max_image_bytes == 0 || self.max_image_pixels == 0 {
             return bad("max_image_bytes and max_image_pixels must be positive".into());
+        }
+        if self.reconcile_interval_secs == 0 || self.heartbeat_interval_secs == 0 {
+            return bad(
+                "reconcile_interval_secs and heartbeat_interval_secs must be positive".into(),
+            );
+        }
+        if !(self.canary_tolerance > 0.0) {
+            return bad("canary_tolerance must be positive".into());
+        }
+        for (name, v) in [
+            ("gate_min_auroc", self.gate_min_auroc),
+            ("gate_min_recall", self.gate_min_recall),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(format!("{name} must be within [0, 1]"));
+            }
         }
         Ok(())
     }
@@ -231,6 +302,20 @@ impl Settings {
             max_bytes: self.max_image_bytes,
             max_pixels: self.max_image_pixels,
         }
+    }
+
+    /// The promotion gate's rules.
+    pub fn gate_policy(&self) -> crate::registry::GatePolicy {
+        crate::registry::GatePolicy {
+            min_auroc: self.gate_min_auroc,
+            min_recall: self.gate_min_recall,
+        }
+    }
+
+    /// The signing keys to trust, parsed.
+    pub fn trust(&self) -> Result<crate::signing::Trust, ConfigError> {
+        crate::signing::Trust::from_specs(&self.trusted_keys, self.allow_unsigned_models)
+            .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))
     }
 
     /// Queue and key names of this fleet.
@@ -284,6 +369,18 @@ mod tests {
         assert_eq!(s.namespace, "pleura");
         assert_eq!(s.delivery_limit, 5);
         assert_eq!(s.result_ttl_secs, 604_800);
+    }
+
+    #[test]
+    fn trusted_keys_come_comma_separated_from_the_environment() {
+        let s = Settings::load_from(
+            None,
+            env(&[("PLEURA_TRUSTED_KEYS", "/keys/a.pub,/keys/b.pub")]),
+        )
+        .unwrap();
+        assert_eq!(s.trusted_keys, ["/keys/a.pub", "/keys/b.pub"]);
+        assert!(Settings::default().trusted_keys.is_empty());
+        assert!(!Settings::default().allow_unsigned_models);
     }
 
     #[test]

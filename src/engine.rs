@@ -35,7 +35,28 @@ pub enum ModelError {
     /// The model ran but its output is not a probability pair.
     #[error("model output invalid: {0}")]
     BadOutput(String),
+    /// A golden case did not give its recorded output.
+    #[error("canary failed: {0}")]
+    Canary(String),
 }
+
+impl ModelError {
+    /// A stable code for metrics and refusal records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ModelError::Manifest(ManifestError::HashMismatch { .. }) => "hash_mismatch",
+            ModelError::Manifest(_) => "bad_manifest",
+            ModelError::Tract(_) => "load",
+            ModelError::BadOutput(_) => "bad_output",
+            ModelError::Canary(_) => "canary",
+        }
+    }
+}
+
+/// Seeds of the extra canary inputs every model must turn into a valid
+/// probability pair, golden cases or not (a uniform warm-up image can hide
+/// a graph that only misbehaves on structure).
+const CANARY_SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
 
 impl From<TractError> for ModelError {
     fn from(e: TractError) -> Self {
@@ -142,6 +163,36 @@ impl Engine {
         let side = engine.input_size() as usize;
         engine.graph.probabilities(&vec![0.5f32; side * side])?;
         Ok(engine)
+    }
+
+    /// Proves the loaded graph computes what its trainer computed: every
+    /// golden case in the manifest must give its recorded output within
+    /// `tolerance`, and structured inputs must give a finite `[1, 2]`
+    /// probability pair. Workers run this before swapping a model in.
+    pub fn canary(&self, tolerance: f32) -> Result<(), ModelError> {
+        let size = self.input_size();
+        for seed in CANARY_SEEDS {
+            self.graph
+                .probabilities(&crate::manifest::golden_input(seed, size))?;
+        }
+        for case in &self.manifest.golden {
+            let got = self
+                .graph
+                .probabilities(&crate::manifest::golden_input(case.input_seed, size))?;
+            let close = case.expected.len() == got.len()
+                && case
+                    .expected
+                    .iter()
+                    .zip(got)
+                    .all(|(e, g)| (e - g).abs() <= tolerance);
+            if !close {
+                return Err(ModelError::Canary(format!(
+                    "golden case {:?} gave {got:?}, expected {:?} (tolerance {tolerance})",
+                    case.name, case.expected
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The model's manifest.
@@ -267,10 +318,18 @@ struct Task {
     reply: tokio::sync::oneshot::Sender<Result<Verdict, AnalyseError>>,
 }
 
+/// Asks one inference thread to drop its state if it belongs to a model
+/// that is no longer in the slot, and to say when it has.
+struct Retire {
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
 /// A fixed pool of inference threads, each with its own tract state.
 pub struct InferencePool {
     stat: Option<Sender<Task>>,
     routine: Option<Sender<Task>>,
+    /// One per thread: a broadcast needs every thread to get its own copy.
+    controls: Vec<Sender<Retire>>,
     threads: Vec<JoinHandle<()>>,
     model: ModelSlot,
 }
@@ -280,21 +339,43 @@ impl InferencePool {
     pub fn new(model: ModelSlot, threads: usize, limits: Limits) -> InferencePool {
         let (stat_tx, stat_rx) = crossbeam_channel::unbounded::<Task>();
         let (routine_tx, routine_rx) = crossbeam_channel::unbounded::<Task>();
+        let mut controls = Vec::new();
         let threads = (0..threads.max(1))
             .map(|i| {
                 let (stat_rx, routine_rx, model) =
                     (stat_rx.clone(), routine_rx.clone(), model.clone());
+                let (control_tx, control_rx) = crossbeam_channel::unbounded::<Retire>();
+                controls.push(control_tx);
                 std::thread::Builder::new()
                     .name(format!("pleura-infer-{i}"))
-                    .spawn(move || inference_thread(stat_rx, routine_rx, model, limits))
+                    .spawn(move || inference_thread(stat_rx, routine_rx, control_rx, model, limits))
                     .expect("spawn inference thread")
             })
             .collect();
         InferencePool {
             stat: Some(stat_tx),
             routine: Some(routine_tx),
+            controls,
             threads,
             model,
+        }
+    }
+
+    /// Makes every thread drop a state built for a model that is no longer
+    /// in the slot, and resolves once all have (each finishes its current
+    /// job first). Without this an idle thread would keep a swapped-out
+    /// model alive until its next job: after a reload, memory would hold two
+    /// or three models instead of one.
+    pub async fn retire_stale(&self) {
+        let mut waits = Vec::new();
+        for control in &self.controls {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            if control.send(Retire { done }).is_ok() {
+                waits.push(wait);
+            }
+        }
+        for wait in waits {
+            let _ = wait.await;
         }
     }
 
@@ -331,6 +412,8 @@ impl InferencePool {
 impl Drop for InferencePool {
     fn drop(&mut self) {
         // Closing the senders ends each thread's loop once queued work is done.
+        // The control channels stay open until the threads are joined: a
+        // disconnected one would always be ready and spin the select.
         self.stat.take();
         self.routine.take();
         for t in self.threads.drain(..) {
@@ -342,6 +425,7 @@ impl Drop for InferencePool {
 fn inference_thread(
     stat: Receiver<Task>,
     routine: Receiver<Task>,
+    control: Receiver<Retire>,
     model: ModelSlot,
     limits: Limits,
 ) {
@@ -351,6 +435,19 @@ fn inference_thread(
         let task = match stat.try_recv() {
             Ok(t) => t,
             Err(_) => select_biased! {
+                recv(control) -> r => {
+                    if let Ok(Retire { done }) = r {
+                        let current = model.load();
+                        let stale = slot.as_ref().is_some_and(|w| {
+                            current.as_ref().is_none_or(|c| !Arc::ptr_eq(&w.engine, c))
+                        });
+                        if stale {
+                            slot = None;
+                        }
+                        let _ = done.send(());
+                    }
+                    continue;
+                },
                 recv(stat) -> t => match t { Ok(t) => t, Err(_) => match routine.recv() { Ok(t) => t, Err(_) => return } },
                 recv(routine) -> t => match t { Ok(t) => t, Err(_) => match stat.recv() { Ok(t) => t, Err(_) => return } },
             },

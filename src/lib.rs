@@ -16,7 +16,14 @@
 //!   weight names.
 //! - [`manifest`]: `model.json`, the manifest that travels beside every `model.onnx`,
 //!   and the deterministic untrained model.
-//! - [`broker`]: RabbitMQ connection, topology and confirmed publishing.
+//! - [`registry`]: published models: artifacts in an object store (`file://`,
+//!   `s3://`), versions, the active version and its history in Redis, the
+//!   promotion gate.
+//! - [`signing`]: ed25519 keys and model signatures, and the [`signing::Trust`]
+//!   workers verify with.
+//! - [`fleet`]: worker heartbeats, read back for `pleura fleet status`.
+//! - [`broker`]: RabbitMQ connection, topology, confirmed publishing and
+//!   model announcements.
 //! - [`results`]: write-once results in Redis.
 //! - [`config`]: [`config::Settings`], from defaults, file and `PLEURA_*` env.
 //! - [`telemetry`]: logging set-up and credential redaction.
@@ -27,10 +34,13 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod fleet;
 pub mod manifest;
 pub mod onnx;
 pub mod phantom;
 pub mod preprocess;
+pub mod registry;
 pub mod results;
+pub mod signing;
 pub mod telemetry;
 pub mod wire;

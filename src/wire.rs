@@ -170,6 +170,53 @@ impl Names {
     pub fn results_stream(&self) -> String {
         format!("{}:results", self.ns)
     }
+
+    /// Fanout exchange carrying [`ModelAnnouncement`]s to every worker.
+    pub fn models_exchange(&self) -> String {
+        format!("{}.models", self.ns)
+    }
+
+    /// A worker's own exclusive, auto-delete queue bound to
+    /// [`Names::models_exchange`].
+    pub fn models_queue(&self, worker_id: &str) -> String {
+        format!("{}.models.{}", self.ns, worker_id)
+    }
+
+    /// Redis key of one published version's [`RegistryEntry`].
+    pub fn model_key(&self, version: &str) -> String {
+        format!("{}:model:{}", self.ns, version)
+    }
+
+    /// Redis sorted set of published versions, scored by publish time (ms).
+    pub fn models_index(&self) -> String {
+        format!("{}:models", self.ns)
+    }
+
+    /// Redis key holding the active version's name.
+    pub fn active_model_key(&self) -> String {
+        format!("{}:models:active", self.ns)
+    }
+
+    /// Redis list of [`Activation`]s, newest first.
+    pub fn activations_key(&self) -> String {
+        format!("{}:models:history", self.ns)
+    }
+
+    /// Redis hash of the workers that refused `version`: worker id to
+    /// [`ReloadFailure`].
+    pub fn refusals_key(&self, version: &str) -> String {
+        format!("{}:model:{}:refusals", self.ns, version)
+    }
+
+    /// Redis key of one worker's [`Heartbeat`], with a TTL.
+    pub fn worker_key(&self, worker_id: &str) -> String {
+        format!("{}:worker:{}", self.ns, worker_id)
+    }
+
+    /// Redis sorted set of worker ids, scored by their last heartbeat (ms).
+    pub fn workers_index(&self) -> String {
+        format!("{}:workers", self.ns)
+    }
 }
 
 /// Outcome of a job.
@@ -370,4 +417,135 @@ mod tests {
         let back: ScanResult = serde_json::from_value(json).unwrap();
         assert_eq!(back, r);
     }
+}
+
+/// Version of the registry and fleet documents below ([`RegistryEntry`],
+/// [`Activation`], [`ModelAnnouncement`], [`Heartbeat`]).
+pub const REGISTRY_SCHEMA_VERSION: u32 = 1;
+
+/// A published model version, stored at `{ns}:model:{version}`. Written
+/// once: versions are immutable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryEntry {
+    /// Always [`REGISTRY_SCHEMA_VERSION`] for documents written by this code.
+    pub schema: u32,
+    /// The version, equal to `manifest.version`.
+    pub version: String,
+    /// The manifest, as published.
+    pub manifest: crate::manifest::Manifest,
+    /// SHA-256 of the exact `model.json` bytes in the artifact store.
+    pub manifest_sha256: String,
+    /// Where the artifact lives (`file://...` or `s3://...`), without credentials.
+    pub artifact_url: String,
+    /// Id of the key that signed it; `null` for an unsigned model.
+    pub key_id: Option<String>,
+    /// When it was published, RFC 3339 UTC.
+    pub published_at: String,
+    /// Who published it (user and host).
+    pub published_by: String,
+    /// Whether the promotion gate passed, or was overridden with `--force`.
+    pub gate: GateOutcome,
+}
+
+/// What the promotion gate said about a version when it was published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum GateOutcome {
+    /// Every rule held.
+    Passed,
+    /// Some rules failed and the publisher overrode them.
+    Forced {
+        /// The rules that failed.
+        failures: Vec<String>,
+        /// Why the publisher overrode them.
+        reason: String,
+    },
+}
+
+/// One change of the active version, in `{ns}:models:history`, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activation {
+    /// Always [`REGISTRY_SCHEMA_VERSION`] for documents written by this code.
+    pub schema: u32,
+    /// The version made active.
+    pub version: String,
+    /// The version active before; `null` for the first activation.
+    pub previous: Option<String>,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+    /// Who (user and host).
+    pub by: String,
+    /// Why, in the operator's words.
+    pub reason: String,
+}
+
+/// The message on `{ns}.models` after each activation. Workers treat it only
+/// as a nudge: they always read the active version from Redis, so a late or
+/// reordered announcement cannot roll a worker back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelAnnouncement {
+    /// Always [`REGISTRY_SCHEMA_VERSION`] for documents written by this code.
+    pub schema: u32,
+    /// The version just activated.
+    pub version: String,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+}
+
+/// A worker's refusal of a model version, stored per worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadFailure {
+    /// The version refused.
+    pub version: String,
+    /// Stable reason code, for example `signature` or `canary`.
+    pub code: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+}
+
+/// Jobs a worker has finished since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTotals {
+    /// Results written with status `ok`.
+    pub ok: u64,
+    /// Results written with status `error` (unreadable scans).
+    pub error: u64,
+    /// Deliveries handed back to the broker to be retried.
+    pub retried: u64,
+}
+
+/// A worker's heartbeat at `{ns}:worker:{id}`, rewritten every few seconds
+/// with a TTL, so a worker that dies simply disappears.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Always [`REGISTRY_SCHEMA_VERSION`] for documents written by this code.
+    pub schema: u32,
+    /// The worker id.
+    pub worker: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// The model being served; `null` before one is loaded.
+    pub model_version: Option<String>,
+    /// `registry` (follows the active version) or `pinned` (a local model_dir).
+    pub model_source: String,
+    /// Whether the worker takes jobs (it has a model and is not stopping).
+    pub ready: bool,
+    /// Jobs being processed now.
+    pub in_flight: u64,
+    /// Jobs finished since start.
+    pub totals: JobTotals,
+    /// Model reloads that succeeded since start.
+    pub reloads: u64,
+    /// The last refused model, if any.
+    pub last_refusal: Option<ReloadFailure>,
+    /// When the worker started, RFC 3339 UTC.
+    pub started_at: String,
+    /// When this heartbeat was written, RFC 3339 UTC.
+    pub at: String,
+    /// Seconds until this heartbeat expires if not renewed.
+    pub ttl_secs: u64,
 }

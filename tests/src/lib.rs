@@ -13,7 +13,10 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use pleura::broker::{self, Publisher, Submission};
 use pleura::config::Settings;
+use pleura::fleet::WorkerStatus;
+use pleura::manifest::ModelFiles;
 use pleura::onnx::ResNetSpec;
+use pleura::registry::{Published, Registry};
 use pleura::results::ResultStore;
 use pleura::wire::{Names, Priority, ScanResult};
 use tokio::net::TcpListener;
@@ -116,7 +119,35 @@ pub struct Fleet {
     pub names: Names,
     /// Directory of the model the workers serve.
     pub model_dir: PathBuf,
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
+}
+
+/// A signing key pair written to files, as `pleura models keygen` writes it.
+pub struct Keys {
+    /// The private key file.
+    pub private: PathBuf,
+    /// The public key file.
+    pub public: PathBuf,
+}
+
+impl Keys {
+    /// Generates a key pair into `dir` as `NAME.key` / `NAME.pub`.
+    pub fn generate(dir: &Path, name: &str) -> Keys {
+        let key = pleura::signing::generate();
+        let (private, public) =
+            pleura::signing::write_keypair(&key, dir, name).expect("write key pair");
+        Keys { private, public }
+    }
+}
+
+/// A deterministic untrained 256x256 model of `width`, distinct per seed
+/// (its version is `init-<sha12>`).
+pub fn model_variant(seed: u64, width: i64) -> ModelFiles {
+    let spec = ResNetSpec {
+        image_size: 256,
+        ..ResNetSpec::with_width(width)
+    };
+    pleura::manifest::init_model(&spec, seed).expect("init model")
 }
 
 impl Fleet {
@@ -139,8 +170,118 @@ impl Fleet {
         Fleet {
             names: Names::new(ns),
             model_dir,
-            _tmp: tmp,
+            tmp,
         }
+    }
+
+    /// This fleet's scratch directory (removed with the fleet).
+    pub fn tmp(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// A `file://` registry in the scratch directory.
+    pub fn registry_url(&self) -> String {
+        url_for_dir(&self.tmp.path().join("registry"))
+    }
+
+    /// Settings of a worker `worker_id` that follows this fleet's registry,
+    /// trusting `keys`, with short reconcile and heartbeat intervals.
+    pub fn registry_settings(&self, keys: &Keys, worker_id: &str) -> Settings {
+        Settings {
+            model_dir: None,
+            registry_url: self.registry_url(),
+            trusted_keys: vec![keys.public.display().to_string()],
+            worker_id: worker_id.into(),
+            inference_threads: 1,
+            reconcile_interval_secs: 2,
+            heartbeat_interval_secs: 1,
+            ..self.settings()
+        }
+    }
+
+    /// This fleet's registry.
+    pub async fn registry(&self) -> Registry {
+        Registry::connect(&redis_url(), self.names.clone(), &self.registry_url())
+            .await
+            .expect("open the registry")
+    }
+
+    /// Publishes `files` through the same path as `pleura models publish`
+    /// (forced past the gate: test models are untrained), signed with `key`
+    /// when given, activated and announced.
+    pub async fn publish(
+        &self,
+        files: &ModelFiles,
+        key: Option<&Keys>,
+        activate: bool,
+    ) -> Published {
+        let dir = self
+            .tmp
+            .path()
+            .join("to-publish")
+            .join(&files.manifest.version);
+        files.write_dir(&dir).expect("write model");
+        let settings = Settings {
+            registry_url: self.registry_url(),
+            ..self.settings()
+        };
+        let req = pleura::cli::PublishRequest {
+            dir,
+            key: key.map(|k| k.private.clone()),
+            force: true,
+            reason: Some("test model".into()),
+            activate,
+        };
+        pleura::cli::publish_model(&settings, &req)
+            .await
+            .expect("publish")
+    }
+
+    /// Activates `version` and announces it, as `pleura models activate` does.
+    pub async fn activate(&self, version: &str) {
+        let settings = Settings {
+            registry_url: self.registry_url(),
+            ..self.settings()
+        };
+        pleura::cli::activate_model(&settings, version, "test")
+            .await
+            .expect("activate");
+    }
+
+    /// The workers' heartbeats, as `pleura fleet status` reads them.
+    pub async fn workers(&self) -> Vec<WorkerStatus> {
+        let mut conn = self.store().await.connection();
+        pleura::fleet::status(&mut conn, &self.names)
+            .await
+            .expect("fleet status")
+    }
+
+    /// Waits until every one of `workers` reports serving `version`, and
+    /// returns how long that took.
+    pub async fn wait_fleet_on(
+        &self,
+        workers: &[&str],
+        version: &str,
+        timeout: Duration,
+    ) -> Duration {
+        let t0 = std::time::Instant::now();
+        wait_until(
+            &format!("workers {workers:?} on {version}"),
+            timeout,
+            || async {
+                let status = self.workers().await;
+                workers.iter().all(|w| {
+                    status.iter().any(|s| {
+                        s.worker == *w
+                            && s.heartbeat
+                                .as_ref()
+                                .is_some_and(|h| h.model_version.as_deref() == Some(version))
+                    })
+                })
+            },
+        )
+        .await;
+        t0.elapsed()
     }
 
     /// Settings for a worker or the CLI of this fleet.
@@ -377,6 +518,15 @@ impl Drop for Fleet {
     }
 }
 
+/// `file://` URL of a directory.
+pub fn url_for_dir(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).expect("create dir");
+    format!(
+        "file://{}",
+        dir.canonicalize().expect("canonical dir").display()
+    )
+}
+
 /// A minimal HTTP/1.0 GET, enough for /readyz and /metrics.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -417,15 +567,51 @@ pub fn phantoms(n: usize, size: u32) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Spawns a `pleura-worker` process for this fleet with extra environment.
+/// Spawns a `pleura-worker` process for this fleet, pinned to its model,
+/// with extra environment.
 pub fn spawn_worker_process(
     fleet: &Fleet,
     extra_env: &[(&str, &str)],
     log: &Path,
 ) -> tokio::process::Child {
+    let mut cmd = worker_command(fleet, extra_env, log);
+    cmd.arg("--model").arg(&fleet.model_dir);
+    cmd.spawn().expect("spawn pleura-worker")
+}
+
+/// Spawns a `pleura-worker` process `worker_id` that follows the registry
+/// of `settings` (`registry_url`, `trusted_keys`, intervals).
+pub fn spawn_registry_worker_process(
+    fleet: &Fleet,
+    settings: &Settings,
+    extra_env: &[(&str, &str)],
+    log: &Path,
+) -> tokio::process::Child {
+    let trusted = settings.trusted_keys.join(",");
+    let reconcile = settings.reconcile_interval_secs.to_string();
+    let heartbeat = settings.heartbeat_interval_secs.to_string();
+    let threads = settings.inference_threads.to_string();
+    let mut env: Vec<(&str, &str)> = vec![
+        ("PLEURA_REGISTRY_URL", settings.registry_url.as_str()),
+        ("PLEURA_TRUSTED_KEYS", trusted.as_str()),
+        ("PLEURA_WORKER_ID", settings.worker_id.as_str()),
+        ("PLEURA_RECONCILE_INTERVAL_SECS", reconcile.as_str()),
+        ("PLEURA_HEARTBEAT_INTERVAL_SECS", heartbeat.as_str()),
+        ("PLEURA_INFERENCE_THREADS", threads.as_str()),
+    ];
+    env.extend_from_slice(extra_env);
+    worker_command(fleet, &env, log)
+        .spawn()
+        .expect("spawn pleura-worker")
+}
+
+fn worker_command(
+    fleet: &Fleet,
+    extra_env: &[(&str, &str)],
+    log: &Path,
+) -> tokio::process::Command {
     let log = std::fs::File::create(log).expect("log file");
     let mut cmd = tokio::process::Command::new(bin("pleura-worker"));
-    cmd.arg("--model").arg(&fleet.model_dir);
     for (k, v) in fleet.env() {
         cmd.env(k, v);
     }
@@ -437,5 +623,5 @@ pub fn spawn_worker_process(
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true);
-    cmd.spawn().expect("spawn pleura-worker")
+    cmd
 }

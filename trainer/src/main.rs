@@ -100,6 +100,20 @@ struct TrainArgs {
     /// Model version (default: generated from the time and the weights).
     #[arg(long)]
     version: Option<String>,
+    /// After exporting, publish to the registry (promotion gate, signature,
+    /// activation, announcement), as `pleura models publish` does.
+    #[arg(long)]
+    publish: bool,
+    /// With --publish: publish even if the promotion gate fails (needs --reason).
+    #[arg(long, requires = "publish", requires = "reason")]
+    force: bool,
+    /// With --publish: why, recorded in the activation history.
+    #[arg(long, requires = "publish")]
+    reason: Option<String>,
+    /// With --publish: Pleura configuration file (registry, Redis, broker,
+    /// signing key); `PLEURA_CONFIG` and `PLEURA_*` variables also work.
+    #[arg(long, requires = "publish")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -135,6 +149,18 @@ fn main() -> ExitCode {
             }
         }
         Command::Train(a) => {
+            // Settings are checked before hours of training, not after.
+            let publish = if a.publish {
+                match pleura::config::Settings::load(a.config.as_deref()) {
+                    Ok(s) => Some((s, a.force, a.reason.clone())),
+                    Err(e) => {
+                        eprintln!("pleura-trainer: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                None
+            };
             let cfg = TrainConfig {
                 data: a.data,
                 out: a.out,
@@ -159,7 +185,12 @@ fn main() -> ExitCode {
             match pleura_trainer::train::train(&cfg) {
                 Ok(outcome) => {
                     print_summary(&outcome);
-                    ExitCode::SUCCESS
+                    match (publish, &outcome.exported) {
+                        (Some((settings, force, reason)), Some(exported)) => {
+                            publish_export(&settings, &exported.dir, force, reason)
+                        }
+                        _ => ExitCode::SUCCESS,
+                    }
                 }
                 Err(e @ pleura_trainer::train::TrainError::Config(_)) => {
                     eprintln!("pleura-trainer: {e}");
@@ -209,5 +240,45 @@ fn print_summary(o: &pleura_trainer::train::TrainOutcome) {
             "ablation passed: 100% training accuracy; report in {}",
             o.report_dir.display()
         ),
+    }
+}
+
+fn publish_export(
+    settings: &pleura::config::Settings,
+    dir: &std::path::Path,
+    force: bool,
+    reason: Option<String>,
+) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let req = pleura::cli::PublishRequest {
+        dir: dir.to_path_buf(),
+        key: None,
+        force,
+        reason,
+        activate: true,
+    };
+    match runtime.block_on(pleura::cli::publish_model(settings, &req)) {
+        Ok(p) => {
+            println!(
+                "published {} to {}{}",
+                p.entry.version,
+                p.entry.artifact_url,
+                match &p.activation {
+                    Some(a) => format!(
+                        "; active now (was {})",
+                        a.previous.as_deref().unwrap_or("none")
+                    ),
+                    None => String::new(),
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pleura-trainer: the model was exported but not published: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -110,13 +110,36 @@ pub fn in_flight(delta: f64) {
     metrics::gauge!("pleura_jobs_in_flight").increment(delta);
 }
 
-/// A model is now being served.
-pub fn model_loaded(version: &str, load: Duration) {
+/// A model is now being served (the first, or one swapped in for `previous`).
+pub fn model_loaded(version: &str, previous: Option<&str>, load: Duration) {
+    if let Some(previous) = previous {
+        metrics::gauge!("pleura_model_info", "version" => previous.to_string()).set(0.0);
+        metrics::counter!("pleura_model_reloads_total", "result" => "ok").increment(1);
+    }
     metrics::gauge!("pleura_model_info", "version" => version.to_string()).set(1.0);
     metrics::histogram!("pleura_model_load_seconds").record(load.as_secs_f64());
     tracing::info!(
         model_version = version,
+        previous_version = previous.unwrap_or("-"),
         load_ms = load.as_millis() as u64,
-        "model loaded and warmed"
+        "model loaded, verified and warmed; serving it"
     );
+}
+
+/// A model version was refused; the worker keeps serving what it had.
+pub fn model_refused(version: &str, serving: Option<&str>, code: &str, reason: &str) {
+    metrics::counter!("pleura_model_reloads_total", "result" => code.to_string()).increment(1);
+    tracing::error!(
+        model_version = version,
+        serving_version = serving.unwrap_or("-"),
+        code,
+        reason,
+        "model refused; keeping the current one"
+    );
+}
+
+/// A model could not be fetched for now; the next reconcile tries again.
+pub fn model_fetch_failed(version: &str, error: &dyn std::fmt::Display) {
+    metrics::counter!("pleura_model_reloads_total", "result" => "fetch_failed").increment(1);
+    tracing::warn!(model_version = version, %error, "cannot fetch the active model yet; will retry");
 }

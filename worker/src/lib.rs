@@ -13,19 +13,24 @@
 //! - `job`: turning a delivery into a job (job id, priority, correlation).
 //! - [`ack`]: the guard that makes every delivery end in ack, nack or reject.
 //! - [`retry`]: backoff for result writes during a Redis outage.
+//! - [`reload`]: following the registry's active model: fetch, verify,
+//!   load, canary, atomic swap; the old model stays on any failure.
+//! - `heartbeat`: the worker's heartbeat in Redis for `pleura fleet status`.
 //! - `http`: `/healthz`, `/readyz`, `/metrics`.
 //! - `events`: log lines and metrics, emitted together.
 
 pub mod ack;
 mod events;
+mod heartbeat;
 mod http;
 mod job;
+pub mod reload;
 pub mod retry;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
@@ -33,16 +38,17 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use pleura::broker::{self, BrokerError};
 use pleura::config::Settings;
 use pleura::engine::{empty_slot, AnalyseError, Engine, InferencePool, ModelError, ModelSlot};
+use pleura::registry::{ArtifactStore, Registry};
 use pleura::results::{ResultStore, ResultsError};
 use pleura::telemetry::redact_url;
-use pleura::wire::{ErrorInfo, Names, ScanResult, Status, Timings, SCHEMA_VERSION};
+use pleura::wire::{ErrorInfo, Names, ReloadFailure, ScanResult, Status, Timings, SCHEMA_VERSION};
 
 use crate::ack::{AckGuard, Settlement};
 use crate::events::Outcome;
@@ -68,11 +74,52 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// What `/readyz` looks at.
+/// Counters the heartbeat reports.
+#[derive(Default)]
+pub struct Stats {
+    ok: AtomicU64,
+    error: AtomicU64,
+    retried: AtomicU64,
+    in_flight: AtomicU64,
+    reloads: AtomicU64,
+    last_refusal: Mutex<Option<ReloadFailure>>,
+}
+
+impl Stats {
+    fn begin(&self) {
+        events::in_flight(1.0);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+    fn end(&self) {
+        events::in_flight(-1.0);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn finished(
+        &self,
+        job_id: Option<&str>,
+        outcome: Outcome,
+        model_version: Option<&str>,
+        total: Duration,
+    ) {
+        let counter = match outcome {
+            Outcome::Ok => &self.ok,
+            Outcome::Error | Outcome::Poison => &self.error,
+            Outcome::Retry => &self.retried,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        events::job_finished(job_id, outcome, model_version, total);
+    }
+}
+
+/// What `/readyz` and the heartbeat look at.
 pub struct Health {
     channel: OnceLock<Channel>,
     model: ModelSlot,
     stopping: AtomicBool,
+    /// Serving a local `model_dir` instead of following the registry.
+    pinned: bool,
+    started_at: String,
+    stats: Stats,
 }
 
 impl Health {
@@ -84,6 +131,10 @@ impl Health {
     }
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
+    }
+    /// Taking jobs: connected, a model loaded, not shutting down.
+    fn ready(&self) -> bool {
+        self.broker_connected() && self.model.load().is_some() && !self.stopping()
     }
 }
 
@@ -115,7 +166,8 @@ pub async fn run(
 /// Everything a job task needs.
 struct Ctx {
     worker_id: String,
-    pool: InferencePool,
+    health: Arc<Health>,
+    pool: Arc<InferencePool>,
     store: ResultStore,
     redis_ok: watch::Sender<bool>,
     max_backoff: Duration,
@@ -145,6 +197,9 @@ pub async fn run_with_listener(
         channel: OnceLock::new(),
         model: model.clone(),
         stopping: AtomicBool::new(false),
+        pinned: settings.model_dir.is_some(),
+        started_at: now_rfc3339(),
+        stats: Stats::default(),
     });
     let http_addr: SocketAddr = listener.local_addr()?;
     let http_stop = CancellationToken::new();
@@ -182,20 +237,28 @@ async fn serve(
     health: Arc<Health>,
     stop: CancellationToken,
 ) -> Result<(), WorkerError> {
-    // 1. The model, on a blocking thread: optimising takes seconds of CPU.
-    let Some(model_dir) = settings.model_dir.clone() else {
-        return Err(WorkerError::Config(
-            "no model: set model_dir (or pass --model DIR)".into(),
-        ));
+    // Settings that cannot work fail now, before anything is connected.
+    let registry_parts = match &settings.model_dir {
+        Some(_) => None,
+        None => {
+            let store = ArtifactStore::open(&settings.registry_url)
+                .map_err(|e| WorkerError::Config(e.to_string()))?;
+            let trust = settings
+                .trust()
+                .map_err(|e| WorkerError::Config(e.to_string()))?;
+            if trust.keys.is_empty() && !trust.allow_unsigned {
+                return Err(WorkerError::Config(
+                    "no trusted_keys: every published model would be refused; set trusted_keys \
+                     (or allow_unsigned_models for development), or pin a model_dir"
+                        .into(),
+                ));
+            }
+            Some((store, trust))
+        }
     };
-    let t0 = Instant::now();
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&model_dir))
-        .await
-        .expect("model loading panicked")?;
-    events::model_loaded(engine.version(), t0.elapsed());
-    model.store(Some(Arc::new(engine)));
 
-    // 2. Redis and RabbitMQ, waiting for them if they are not up yet.
+    // 1. Redis, waiting for it if it is not up yet; the heartbeat starts at
+    //    once so ops can see a worker that is still waiting for a model.
     let store = match connect_with_retry("redis", &stop, || {
         ResultStore::connect(
             &settings.redis_url,
@@ -209,20 +272,143 @@ async fn serve(
         Some(s) => s,
         None => return Ok(()),
     };
+    let beat = Arc::new(Notify::new());
+    let heartbeat_stop = CancellationToken::new();
+    let heartbeat = tokio::spawn(heartbeat::run(
+        store.connection(),
+        names.clone(),
+        health.clone(),
+        worker_id.clone(),
+        Duration::from_secs(settings.heartbeat_interval_secs),
+        beat.clone(),
+        heartbeat_stop.clone(),
+    ));
+    let outcome = serve_connected(
+        settings,
+        worker_id,
+        names,
+        model,
+        health,
+        stop,
+        store,
+        registry_parts,
+        beat,
+    )
+    .await;
+    heartbeat_stop.cancel();
+    let _ = heartbeat.await;
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_connected(
+    settings: &Settings,
+    worker_id: String,
+    names: Names,
+    model: ModelSlot,
+    health: Arc<Health>,
+    stop: CancellationToken,
+    store: ResultStore,
+    registry_parts: Option<(ArtifactStore, pleura::signing::Trust)>,
+    beat: Arc<Notify>,
+) -> Result<(), WorkerError> {
+    // 2. RabbitMQ.
     let conn = match connect_with_retry("rabbitmq", &stop, || {
         broker::connect(&settings.amqp_url, &worker_id)
     })
     .await
     {
-        Some(c) => c,
+        Some(c) => Arc::new(c),
         None => return Ok(()),
     };
+
+    // 3. The model: a pinned local directory, or whatever the registry says
+    //    is active (followed from then on). The pool exists first, idle, so
+    //    a reload can tell its threads to let go of the old model.
+    let pool = Arc::new(InferencePool::new(
+        model.clone(),
+        settings.resolved_inference_threads(),
+        settings.limits(),
+    ));
+    let reload_stop = CancellationToken::new();
+    let reload_task = match (registry_parts, &settings.model_dir) {
+        (None, Some(model_dir)) => {
+            let t0 = Instant::now();
+            let dir = model_dir.clone();
+            let engine = tokio::task::spawn_blocking(move || Engine::load(&dir))
+                .await
+                .expect("model loading panicked")?;
+            events::model_loaded(engine.version(), None, t0.elapsed());
+            model.store(Some(Arc::new(engine)));
+            beat.notify_one();
+            None
+        }
+        (Some((artifacts, trust)), _) => {
+            let registry = Registry::new(store.connection(), names.clone(), artifacts);
+            let reloader = reload::Reloader::new(
+                registry,
+                trust,
+                model.clone(),
+                pool.clone(),
+                worker_id.clone(),
+                settings.canary_tolerance,
+                health.clone(),
+                beat.clone(),
+            );
+            Some(tokio::spawn(reload::run(
+                reloader,
+                conn.clone(),
+                Duration::from_secs(settings.reconcile_interval_secs),
+                reload_stop.clone(),
+            )))
+        }
+        (None, None) => unreachable!("registry parts exist unless a model_dir is pinned"),
+    };
+    let outcome = consume(
+        settings, worker_id, names, model, pool, health, stop, store, &conn, beat,
+    )
+    .await;
+    reload_stop.cancel();
+    if let Some(task) = reload_task {
+        let _ = task.await;
+    }
+    // Closing returns any prefetched but unstarted deliveries to the queues.
+    let _ = conn.close(200, "worker shutting down".into()).await;
+    outcome
+}
+
+/// Waits for a model, then takes jobs until `stop`, then drains.
+#[allow(clippy::too_many_arguments)]
+async fn consume(
+    settings: &Settings,
+    worker_id: String,
+    names: Names,
+    model: ModelSlot,
+    pool: Arc<InferencePool>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+    store: ResultStore,
+    conn: &Connection,
+    beat: Arc<Notify>,
+) -> Result<(), WorkerError> {
+    // A worker without a usable model takes no jobs: they stay on the queue
+    // for workers that have one.
+    if model.load().is_none() {
+        tracing::info!("waiting for a usable model before taking jobs");
+        let mut check = tokio::time::interval(Duration::from_millis(100));
+        while model.load().is_none() {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = check.tick() => {}
+            }
+        }
+    }
 
     let threads = settings.resolved_inference_threads();
     let prefetch =
         (threads as u32 * settings.prefetch_per_thread as u32).min(u16::MAX as u32) as u16;
     let (stat_ch, routine_ch) =
-        open_channels(&conn, &names, settings.delivery_limit, prefetch).await?;
+        open_channels(conn, &names, settings.delivery_limit, prefetch).await?;
     let _ = health.channel.set(stat_ch.clone());
     let tag = format!("{worker_id}-{}", uuid_suffix());
     let mut stat = stat_ch
@@ -244,11 +430,14 @@ async fn serve(
         .await
         .map_err(BrokerError::from)?;
     tracing::info!(threads, prefetch, "consuming");
+    // Ready now: say so at once rather than at the next heartbeat.
+    beat.notify_one();
 
     let (redis_ok, mut redis_ok_rx) = watch::channel(true);
     let ctx = Arc::new(Ctx {
         worker_id,
-        pool: InferencePool::new(model, threads, settings.limits()),
+        health: health.clone(),
+        pool,
         store,
         redis_ok,
         max_backoff: Duration::from_millis(settings.redis_max_backoff_ms.max(1)),
@@ -321,8 +510,6 @@ async fn serve(
         ctx.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     }
-    // Closing returns any prefetched but unstarted deliveries to the queues.
-    let _ = conn.close(200, "worker shutting down".into()).await;
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
@@ -368,14 +555,14 @@ fn uuid_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 /// One delivery from receipt to settlement.
 async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
     let received = Instant::now();
-    events::in_flight(1.0);
+    ctx.health.stats.begin();
     let lapin::message::Delivery {
         properties,
         data,
@@ -395,8 +582,10 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
             // Without a usable job id nobody can be told: dead-letter only.
             events::scan_rejected(None, "invalid_job_id", &reason);
             guard.settle(Settlement::DeadLetter).await;
-            events::job_finished(None, Outcome::Poison, None, received.elapsed());
-            events::in_flight(-1.0);
+            ctx.health
+                .stats
+                .finished(None, Outcome::Poison, None, received.elapsed());
+            ctx.health.stats.end();
             return;
         }
     };
@@ -449,8 +638,10 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
         Err(e) => {
             events::job_requeued(&job_id, &e);
             guard.settle(Settlement::Requeue).await;
-            events::job_finished(Some(&job_id), Outcome::Retry, None, received.elapsed());
-            events::in_flight(-1.0);
+            ctx.health
+                .stats
+                .finished(Some(&job_id), Outcome::Retry, None, received.elapsed());
+            ctx.health.stats.end();
             return;
         }
     };
@@ -475,7 +666,7 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
                 .send_if_modified(|ok| !std::mem::replace(ok, true));
             events::stage("write", t_write.elapsed().as_secs_f64());
             guard.settle(settlement).await;
-            events::job_finished(
+            ctx.health.stats.finished(
                 Some(&job_id),
                 outcome,
                 result.model_version.as_deref(),
@@ -484,8 +675,10 @@ async fn handle_delivery(ctx: Arc<Ctx>, delivery: lapin::message::Delivery) {
         }
         Err(retry::Cancelled) => {
             guard.settle(Settlement::Requeue).await;
-            events::job_finished(Some(&job_id), Outcome::Retry, None, received.elapsed());
+            ctx.health
+                .stats
+                .finished(Some(&job_id), Outcome::Retry, None, received.elapsed());
         }
     }
-    events::in_flight(-1.0);
+    ctx.health.stats.end();
 }

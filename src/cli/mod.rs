@@ -1,5 +1,5 @@
 //! The `pleura` command line: submit scans, read results, classify in-process,
-//! and create models.
+//! manage the model registry (`models`) and look at the fleet (`fleet`).
 //!
 //! Exit codes: 0 when every scan is ok, 1 when some scan errored (or got no
 //! result in time), 2 for a usage or configuration error.
@@ -17,9 +17,13 @@ use serde::Serialize;
 use crate::broker::{Publisher, Submission};
 use crate::config::Settings;
 use crate::engine::{AnalyseError, Engine, LocalClassifier};
-use crate::onnx::ResNetSpec;
 use crate::results::ResultStore;
 use crate::wire::{Priority, ScanResult};
+
+mod fleet;
+mod models;
+
+pub use models::{activate_model, publish_model, PublishRequest};
 
 /// Pleura: chest X-ray effusion triage.
 #[derive(Parser, Debug)]
@@ -58,9 +62,12 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Model utilities.
+    /// Models: create, sign, publish, list, activate (promote or roll back), verify.
+    #[command(subcommand, alias = "model")]
+    Models(models::ModelsCommand),
+    /// The fleet: workers, their models and health.
     #[command(subcommand)]
-    Model(ModelCommand),
+    Fleet(fleet::FleetCommand),
 }
 
 /// `pleura submit` arguments.
@@ -83,26 +90,6 @@ pub struct SubmitArgs {
     pub paths: Vec<PathBuf>,
 }
 
-/// `pleura model ...`
-#[derive(Subcommand, Debug)]
-pub enum ModelCommand {
-    /// Write a deterministic, untrained model for bring-up and tests.
-    Init {
-        /// Output directory (gets model.onnx and model.json).
-        #[arg(long)]
-        out: PathBuf,
-        /// Seed of the weights.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Width of the first stage (64 is the seed's ResNet-18).
-        #[arg(long, default_value_t = 64)]
-        width: i64,
-        /// Side of the square input image.
-        #[arg(long, default_value_t = 256)]
-        image_size: u32,
-    },
-}
-
 /// Runs the CLI; the binary only wires this to `main`.
 pub async fn run(cli: Cli) -> ExitCode {
     let settings = match Settings::load(cli.config.as_deref()) {
@@ -115,12 +102,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Classify { model, json, paths } => {
             tokio::task::block_in_place(|| classify(&settings, model.as_deref(), &paths, json))
         }
-        Command::Model(ModelCommand::Init {
-            out,
-            seed,
-            width,
-            image_size,
-        }) => model_init(&out, seed, width, image_size),
+        Command::Models(cmd) => models::run(&settings, cmd).await,
+        Command::Fleet(cmd) => fleet::run(&settings, cmd).await,
     };
     match outcome {
         Ok(code) => code,
@@ -137,14 +120,14 @@ fn usage_error(m: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
-enum CliError {
+pub(crate) enum CliError {
     /// Bad arguments or configuration: exit 2.
     Usage(String),
     /// The command ran and failed: exit 1.
     Failed(String),
 }
 
-fn failed(e: impl std::fmt::Display) -> CliError {
+pub(crate) fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
 }
 
@@ -512,24 +495,4 @@ fn describe(e: &AnalyseError) -> String {
         AnalyseError::Scan(s) => format!("{}: {s}", s.code()),
         other => format!("model_error: {other}"),
     }
-}
-
-fn model_init(out: &Path, seed: u64, width: i64, image_size: u32) -> Result<ExitCode, CliError> {
-    if width < 1 || image_size < 32 {
-        return Err(CliError::Usage(
-            "--width must be >= 1 and --image-size >= 32".into(),
-        ));
-    }
-    let spec = ResNetSpec {
-        image_size,
-        ..ResNetSpec::with_width(width)
-    };
-    let files = crate::manifest::init_model(&spec, seed).map_err(failed)?;
-    files.write_dir(out).map_err(failed)?;
-    println!(
-        "wrote untrained model {} to {}",
-        files.manifest.version,
-        out.display()
-    );
-    Ok(ExitCode::SUCCESS)
 }
