@@ -13,7 +13,7 @@ cargo build --release -q -p pleura -p pleura-worker --bins
 BIN=target/release
 B=target/bench
 rm -rf "$B" && mkdir -p "$B/scans"
-"$BIN/pleura" model init --out "$B/model" >/dev/null
+"$BIN/pleura" models init --out "$B/model" >/dev/null
 for r in $(seq 1 "$ROUNDS"); do ln -s "$(realpath "$data/cxr")" "$B/scans/round$r"; done
 n=$(find -L "$B/scans" -name '*.png' | wc -l)
 

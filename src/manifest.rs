@@ -17,7 +17,7 @@
 //!
 //! [`init_model`] lives here (not in [`crate::onnx`]) because it assembles a
 //! whole model directory: deterministic weights plus a manifest with a fixed
-//! timestamp, so `pleura model init` with the same seed gives byte-identical
+//! timestamp, so `pleura models init` with the same seed gives byte-identical
 //! files.
 
 use std::fs;
@@ -424,7 +424,7 @@ pub fn golden_input(seed: u64, size: u32) -> Vec<f32> {
 /// The deterministic untrained model for `spec` and `seed`: [`onnx::init_weights`]
 /// written by [`onnx::write_onnx`], with version `init-<first 12 hex of sha>`,
 /// threshold 0.5, `trained: false` and `created_at` fixed at the Unix epoch so
-/// the same inputs give byte-identical files. Backs `pleura model init`; the
+/// the same inputs give byte-identical files. Backs `pleura models init`; the
 /// caller writes it with [`ModelFiles::write_dir`].
 ///
 /// A spec the manifest cannot describe (not 1 input channel, not 2 classes,

@@ -183,6 +183,74 @@ impl ResNet {
         }
     }
 
+    /// Every batch norm, in forward order.
+    fn batch_norms(&self) -> Vec<&nn::BatchNorm> {
+        let mut out = vec![&self.bn1];
+        for b in &self.blocks {
+            out.extend([&b.bn1, &b.bn2]);
+            if let Some((_, d)) = &b.downsample {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// "Precise BN": replaces every batch norm's running statistics with the
+    /// exact average of the batch statistics over `batches`, taken with the
+    /// current weights.
+    ///
+    /// Why: eval mode (what tract serves) normalises with the running
+    /// statistics, an exponential average of batches seen while the weights
+    /// were still moving, and of augmented images. On small, imbalanced
+    /// data that lag shifts the served logits from epoch to epoch, so
+    /// probabilities (and recall at a threshold) swing while AUROC barely
+    /// moves. Recomputing the statistics on un-augmented training images
+    /// before each evaluation makes the evaluated, kept and exported model
+    /// one whose statistics match the weights it has.
+    pub fn recompute_batch_norm_stats(
+        &self,
+        batches: impl IntoIterator<Item = Tensor>,
+    ) -> Result<usize, tch::TchError> {
+        let bns = self.batch_norms();
+        let mut sums: Vec<Option<(Tensor, Tensor)>> = (0..bns.len()).map(|_| None).collect();
+        let mut seen = 0i64;
+        tch::no_grad(|| -> Result<(), tch::TchError> {
+            for xs in batches {
+                let n = xs.size()[0];
+                if n < 2 {
+                    continue; // one image has no batch statistics worth the name
+                }
+                // With the running statistics zeroed, one train-mode pass
+                // leaves momentum x (this batch's statistics) in them.
+                for bn in &bns {
+                    let _ = bn.running_mean.shallow_clone().f_zero_()?;
+                    let _ = bn.running_var.shallow_clone().f_zero_()?;
+                }
+                let _ = self.forward_t(&xs, true);
+                for (bn, sum) in bns.iter().zip(sums.iter_mut()) {
+                    let scale = n as f64 / BN_MOMENTUM;
+                    let (m, v) = (&bn.running_mean * scale, &bn.running_var * scale);
+                    *sum = Some(match sum.take() {
+                        None => (m, v),
+                        Some((sm, sv)) => (sm + m, sv + v),
+                    });
+                }
+                seen += n;
+            }
+            if seen > 0 {
+                for (bn, sum) in bns.iter().zip(sums) {
+                    let (m, v) = sum.expect("a sum per batch norm");
+                    bn.running_mean
+                        .shallow_clone()
+                        .f_copy_(&(m / seen as f64))?;
+                    bn.running_var.shallow_clone().f_copy_(&(v / seen as f64))?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(seen as usize)
+    }
+
     /// [`ResNet::new`], but an invalid spec is [`ModelError::InvalidSpec`].
     pub fn try_new(vs: &nn::Path, spec: &ResNetSpec) -> Result<ResNet, ModelError> {
         spec.validate()
@@ -448,6 +516,57 @@ mod tests {
             .mean_dim([2i64, 3].as_slice(), false, Kind::Float)
             .apply(&m.fc);
         (logits, rec)
+    }
+
+    /// Precise BN leaves in every batch norm exactly the average, over the
+    /// batches given, of the statistics train mode normalised each batch
+    /// with (mean, and the unbiased variance torch keeps), whatever the
+    /// running statistics were before.
+    #[test]
+    fn precise_bn_sets_running_stats_to_the_average_batch_stats() {
+        tch::manual_seed(5);
+        let spec = ResNetSpec {
+            image_size: 64,
+            ..ResNetSpec::with_width(4)
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = ResNet::new(&vs.root(), &spec);
+        let batches: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::rand([4, 1, 64, 64], (Kind::Float, Device::Cpu)))
+            .collect();
+        let dims = [0i64, 2, 3];
+        let mut expected: Vec<(Tensor, Tensor)> = Vec::new();
+        for xs in &batches {
+            let (_, rec) = tch::no_grad(|| train_forward_recording(&m, xs));
+            for (j, (_, x)) in rec.iter().enumerate() {
+                let mean = x.mean_dim(dims.as_slice(), false, Kind::Float) / 3.0;
+                let var = x.var_dim(dims.as_slice(), true, false) / 3.0;
+                match expected.get_mut(j) {
+                    None => expected.push((mean, var)),
+                    Some((m, v)) => {
+                        *m = &*m + mean;
+                        *v = &*v + var;
+                    }
+                }
+            }
+        }
+        // A single image is skipped: it has no batch statistics to speak of.
+        let one = Tensor::rand([1, 1, 64, 64], (Kind::Float, Device::Cpu));
+        let used = m
+            .recompute_batch_norm_stats(batches.iter().map(Tensor::shallow_clone).chain([one]))
+            .unwrap();
+        assert_eq!(used, 12);
+        let bns = m.batch_norms();
+        assert_eq!(bns.len(), expected.len());
+        for (bn, (mean, var)) in bns.iter().zip(&expected) {
+            let close = |a: &Tensor, b: &Tensor| {
+                let diff = (a - b).abs().max().double_value(&[]);
+                let scale = b.abs().max().double_value(&[]).max(1.0);
+                diff <= 1e-4 * scale
+            };
+            assert!(close(&bn.running_mean, mean));
+            assert!(close(&bn.running_var, var));
+        }
     }
 
     /// Train and eval differ only through batch norm: eval is deterministic

@@ -347,6 +347,24 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
         bar.finish_and_clear();
         let train_seconds = t0.elapsed().as_secs_f64();
 
+        // Precise BN before every evaluation: see
+        // `ResNet::recompute_batch_norm_stats`. Un-augmented training images,
+        // as the served model sees un-augmented scans.
+        let mut load_error = None;
+        let batches = train_loader
+            .epoch(cfg.batch_size.max(2), Some(epoch_seed ^ 0xb17c), None)
+            .map_while(|b| match b {
+                Ok(b) => Some(tensors(&b, cfg.image_size, device).0),
+                Err(e) => {
+                    load_error = Some(e);
+                    None
+                }
+            });
+        net.recompute_batch_norm_stats(batches)?;
+        if let Some(e) = load_error {
+            return Err(e.into());
+        }
+
         let (eval, scores, val_loss) = evaluate(&net, &val_loader, &loss_weights, cfg, device)?;
         let record = EpochRecord {
             epoch: epoch + 1,
@@ -393,10 +411,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
             }
             continue;
         }
-        // Keep the epoch with the best validation AUROC (the first on ties).
+        // Keep the epoch with the best validation AUROC. AUROC moves in
+        // steps of 1/(positives x negatives), so on a small validation set
+        // ties are common; the lower validation loss breaks them, since it
+        // also rewards probabilities on the right side of the threshold.
         let better = match (&best, eval.auroc) {
             (None, _) => true,
-            (Some((_, b, _)), Some(a)) => a > b.auroc.unwrap_or(f64::NEG_INFINITY),
+            (Some((_, b, _)), Some(a)) => {
+                let b_auroc = b.auroc.unwrap_or(f64::NEG_INFINITY);
+                a > b_auroc
+                    || (a == b_auroc
+                        && eval.loss.unwrap_or(f64::INFINITY) < b.loss.unwrap_or(f64::INFINITY))
+            }
             (Some(_), None) => false,
         };
         if better {

@@ -148,6 +148,7 @@ impl Reloader {
                 };
                 events::model_refused(&active, serving.as_deref(), error.code(), &failure.message);
                 self.refused.insert(active);
+                let _ = tokio::task::spawn_blocking(release_freed_memory).await;
                 if let Err(e) = self
                     .registry
                     .record_refusal(&self.worker_id, &failure)
