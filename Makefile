@@ -43,7 +43,7 @@ build: libtorch
 	$(CARGO) build --workspace --bins
 
 test: services venv libtorch build
-	PLEURA_PYTHON=$(PYTHON) $(CARGO) test --workspace -- --test-threads=2
+	PLEURA_PYTHON=$(PYTHON) $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 bench:
 	@scripts/bench.sh

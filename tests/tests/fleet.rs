@@ -230,17 +230,28 @@ async fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
         &log,
     );
     let store = fleet.store().await;
-    wait_until("first result", Duration::from_secs(120), || {
-        let (store, ids) = (&store, &ids);
-        async move {
-            store
-                .get_many(ids)
-                .await
-                .unwrap()
-                .iter()
-                .any(Option::is_some)
-        }
-    })
+    // Signal only while a job is certainly held: one result is in, and the
+    // broker has handed out exactly one more message than has results. (Just
+    // after a result appears, its job may still be acking with the next one
+    // not yet delivered; a signal then finds nothing in flight.)
+    wait_until(
+        "a job in flight after the first result",
+        Duration::from_secs(120),
+        || {
+            let (store, ids, fleet) = (&store, &ids, &fleet);
+            async move {
+                let done = store
+                    .get_many(ids)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .filter(|r| r.is_some())
+                    .count();
+                let ready = fleet.ready_count(&fleet.names.routine_queue()).await as usize;
+                done >= 1 && ready + done + 1 == ids.len()
+            }
+        },
+    )
     .await;
     signal(&w, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(60), w.wait())

@@ -237,15 +237,21 @@ async fn readyz_and_metrics_report_the_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_without_a_model_refuses_to_start() {
+async fn a_worker_that_could_never_serve_refuses_to_start() {
     let fleet = Fleet::new("nomodel", 8);
+    // No pinned model and no key to trust: every published model would be
+    // refused, so the worker says so at start instead of idling forever.
     let settings = pleura::config::Settings {
         model_dir: None,
+        registry_url: fleet.registry_url(),
         ..fleet.settings()
     };
     let worker = fleet.spawn_worker(settings).await;
-    let err = worker.stop().await.expect_err("no model is an error");
-    assert!(err.to_string().contains("no model"), "{err}");
+    let err = worker
+        .stop()
+        .await
+        .expect_err("no usable model source is an error");
+    assert!(err.to_string().contains("trusted_keys"), "{err}");
 
     // A tampered model is refused, never served.
     let onnx = fleet.model_dir.join("model.onnx");

@@ -237,9 +237,20 @@ async fn serve(
     health: Arc<Health>,
     stop: CancellationToken,
 ) -> Result<(), WorkerError> {
-    // Settings that cannot work fail now, before anything is connected.
+    // Settings that cannot work fail now, before anything is connected; a
+    // pinned model is loaded now for the same reason (optimising takes
+    // seconds of CPU, so on a blocking thread).
     let registry_parts = match &settings.model_dir {
-        Some(_) => None,
+        Some(dir) => {
+            let t0 = Instant::now();
+            let dir = dir.clone();
+            let engine = tokio::task::spawn_blocking(move || Engine::load(&dir))
+                .await
+                .expect("model loading panicked")?;
+            events::model_loaded(engine.version(), None, t0.elapsed());
+            model.store(Some(Arc::new(engine)));
+            None
+        }
         None => {
             let store = ArtifactStore::open(&settings.registry_url)
                 .map_err(|e| WorkerError::Config(e.to_string()))?;
@@ -322,28 +333,19 @@ async fn serve_connected(
         None => return Ok(()),
     };
 
-    // 3. The model: a pinned local directory, or whatever the registry says
-    //    is active (followed from then on). The pool exists first, idle, so
-    //    a reload can tell its threads to let go of the old model.
+    // 3. Unless a model is pinned, follow the registry's active version from
+    //    now on. The pool exists first, idle, so a reload can tell its
+    //    threads to let go of the old model.
     let pool = Arc::new(InferencePool::new(
         model.clone(),
         settings.resolved_inference_threads(),
         settings.limits(),
     ));
     let reload_stop = CancellationToken::new();
-    let reload_task = match (registry_parts, &settings.model_dir) {
-        (None, Some(model_dir)) => {
-            let t0 = Instant::now();
-            let dir = model_dir.clone();
-            let engine = tokio::task::spawn_blocking(move || Engine::load(&dir))
-                .await
-                .expect("model loading panicked")?;
-            events::model_loaded(engine.version(), None, t0.elapsed());
-            model.store(Some(Arc::new(engine)));
-            beat.notify_one();
-            None
-        }
-        (Some((artifacts, trust)), _) => {
+    let reload_task = match registry_parts {
+        // Pinned: loaded before connecting.
+        None => None,
+        Some((artifacts, trust)) => {
             let registry = Registry::new(store.connection(), names.clone(), artifacts);
             let reloader = reload::Reloader::new(
                 registry,
@@ -362,7 +364,6 @@ async fn serve_connected(
                 reload_stop.clone(),
             )))
         }
-        (None, None) => unreachable!("registry parts exist unless a model_dir is pinned"),
     };
     let outcome = consume(
         settings, worker_id, names, model, pool, health, stop, store, &conn, beat,
