@@ -483,6 +483,18 @@ impl Registry {
         Ok(Registry::new(redis, names, store))
     }
 
+    /// The registry `settings` describe (`redis_url`, `namespace`, `registry_url`).
+    pub async fn for_settings(
+        settings: &crate::config::Settings,
+    ) -> Result<Registry, RegistryError> {
+        Registry::connect(
+            &settings.redis_url,
+            settings.names(),
+            &settings.registry_url,
+        )
+        .await
+    }
+
     /// The artifact store.
     pub fn store(&self) -> &ArtifactStore {
         &self.store

@@ -191,13 +191,7 @@ fn keygen(out: &Path, name: &str) -> Result<ExitCode, CliError> {
 }
 
 async fn open(settings: &Settings) -> Result<Registry, CliError> {
-    Registry::connect(
-        &settings.redis_url,
-        settings.names(),
-        &settings.registry_url,
-    )
-    .await
-    .map_err(failed)
+    Registry::for_settings(settings).await.map_err(failed)
 }
 
 /// What to publish, and how.
@@ -240,13 +234,9 @@ pub async fn publish_model(settings: &Settings, req: &PublishRequest) -> Result<
             files.manifest.version
         );
     }
-    let registry = Registry::connect(
-        &settings.redis_url,
-        settings.names(),
-        &settings.registry_url,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let registry = Registry::for_settings(settings)
+        .await
+        .map_err(|e| e.to_string())?;
     let options = PublishOptions {
         force: req.force,
         reason: req.reason.clone(),
@@ -272,13 +262,9 @@ pub async fn activate_model(
     version: &str,
     reason: &str,
 ) -> Result<Activation, String> {
-    let registry = Registry::connect(
-        &settings.redis_url,
-        settings.names(),
-        &settings.registry_url,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let registry = Registry::for_settings(settings)
+        .await
+        .map_err(|e| e.to_string())?;
     let activation = registry
         .activate(version, reason, &registry::who())
         .await
