@@ -447,6 +447,7 @@ return prev
 /// `user@host`, for the history.
 pub fn who() -> String {
     let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
         .or_else(|_| std::env::var("USERNAME"))
         .unwrap_or_else(|_| "unknown".into());
     let host = gethostname::gethostname().to_string_lossy().into_owned();
