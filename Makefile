@@ -7,7 +7,7 @@ VENV := $(PLEURA_CACHE)/venv
 PYTHON := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build test demo services venv libtorch fmt clippy bench
+.PHONY: all build test check demo services venv libtorch fmt clippy bench
 
 all: build
 
@@ -45,6 +45,14 @@ build: libtorch
 test: services venv libtorch build
 	PLEURA_PYTHON=$(PYTHON) $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
+# The inner loop: formatting, clippy with warnings as errors, and the unit
+# tests that need no RabbitMQ or Redis (the worker's `live` tests and the
+# end-to-end suite are `make test`'s). A few minutes once warm.
+check: libtorch
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test --workspace --lib --bins -- --skip live::
+
 bench:
 	@scripts/bench.sh
 
@@ -55,4 +63,4 @@ fmt:
 	$(CARGO) fmt --all
 
 clippy:
-	$(CARGO) clippy --workspace --all-targets
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

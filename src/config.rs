@@ -161,7 +161,7 @@ fn default_prefetch_per_thread() -> u16 {
     2
 }
 fn default_delivery_limit() -> u32 {
-    5
+    crate::fleet::DEFAULT_DELIVERY_LIMIT
 }
 fn default_result_ttl_secs() -> u64 {
     7 * 24 * 3600
@@ -170,10 +170,10 @@ fn default_results_stream_maxlen() -> u64 {
     100_000
 }
 fn default_max_image_bytes() -> usize {
-    crate::preprocess::DEFAULT_MAX_BYTES
+    crate::scan::DEFAULT_MAX_BYTES
 }
 fn default_max_image_pixels() -> u64 {
-    crate::preprocess::DEFAULT_MAX_PIXELS
+    crate::scan::DEFAULT_MAX_PIXELS
 }
 fn default_http_addr() -> String {
     "0.0.0.0:9100".into()
@@ -262,7 +262,7 @@ impl Settings {
                 "reconcile_interval_secs and heartbeat_interval_secs must be positive".into(),
             );
         }
-        if !(self.canary_tolerance > 0.0) {
+        if self.canary_tolerance.is_nan() || self.canary_tolerance <= 0.0 {
             return bad("canary_tolerance must be positive".into());
         }
         for (name, v) in [
@@ -297,8 +297,8 @@ impl Settings {
     }
 
     /// Size limits for decoding.
-    pub fn limits(&self) -> crate::preprocess::Limits {
-        crate::preprocess::Limits {
+    pub fn limits(&self) -> crate::scan::Limits {
+        crate::scan::Limits {
             max_bytes: self.max_image_bytes,
             max_pixels: self.max_image_pixels,
         }
@@ -313,8 +313,8 @@ impl Settings {
     }
 
     /// The signing keys to trust, parsed.
-    pub fn trust(&self) -> Result<crate::signing::Trust, ConfigError> {
-        crate::signing::Trust::from_specs(&self.trusted_keys, self.allow_unsigned_models)
+    pub fn trust(&self) -> Result<crate::registry::Trust, ConfigError> {
+        crate::registry::Trust::from_specs(&self.trusted_keys, self.allow_unsigned_models)
             .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))
     }
 

@@ -7,40 +7,33 @@
 //! # Layout
 //!
 //! - [`wire`]: the integrator contract: queue and key names, headers, the
-//!   versioned [`wire::ScanResult`].
-//! - [`preprocess`]: detect, decode (PNG, JPEG, DICOM) and preprocess a scan into the
-//!   model's input. The only copy: training and serving both call it.
-//! - [`engine`]: tract inference, the blocking [`engine::InferencePool`] and the
-//!   in-process [`engine::LocalClassifier`], which share one scan path.
-//! - [`onnx`]: [`onnx::ResNetSpec`] and the ONNX graph writer, with tch-compatible
-//!   weight names.
-//! - [`manifest`]: `model.json`, the manifest that travels beside every `model.onnx`,
-//!   and the deterministic untrained model.
-//! - [`registry`]: published models: artifacts in an object store (`file://`,
-//!   `s3://`), versions, the active version and its history in Redis, the
-//!   promotion gate.
-//! - [`signing`]: ed25519 keys and model signatures, and the [`signing::Trust`]
-//!   workers verify with.
-//! - [`fleet`]: worker heartbeats, read back for `pleura fleet status`.
-//! - [`broker`]: RabbitMQ connection, topology, confirmed publishing and
-//!   model announcements.
-//! - [`results`]: write-once results in Redis.
+//!   versioned [`wire::ScanResult`] and the registry and fleet documents.
+//! - [`scan`]: detect, decode (PNG, JPEG, DICOM) and preprocess a scan into
+//!   the model's input. The only copy: training and serving both call
+//!   [`scan::load_scan`].
+//! - [`model`]: the ResNet spec and ONNX writer, the manifest, the tract
+//!   [`model::Engine`], the blocking [`model::InferencePool`] and the
+//!   in-process [`model::LocalClassifier`], which share one scan path.
+//! - [`registry`]: published models: signed artifacts in an object store,
+//!   versions, the active version and its history in Redis, the promotion
+//!   gate, and [`registry::publish()`].
+//! - [`fleet`]: RabbitMQ topology and publishing, model announcements,
+//!   write-once results, heartbeats.
 //! - [`config`]: [`config::Settings`], from defaults, file and `PLEURA_*` env.
 //! - [`telemetry`]: logging set-up and credential redaction.
-//! - [`phantom`]: synthetic CXR-like phantoms for demos and tests.
-//! - [`cli`]: the `pleura` command line.
+//! - [`time`]: epoch milliseconds and RFC 3339, the one way each is made.
+//! - [`cli`]: the `pleura` command line. Nothing else in the crate uses it.
+//!
+//! Lower layers never import higher ones: `wire`, `time` and `scan` sit at
+//! the bottom; `model` uses `scan`; `registry` and `fleet` use `model`;
+//! `config` maps settings onto their types; only `cli` reads everything.
 
-pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod engine;
 pub mod fleet;
-pub mod manifest;
-pub mod onnx;
-pub mod phantom;
-pub mod preprocess;
+pub mod model;
 pub mod registry;
-pub mod results;
-pub mod signing;
+pub mod scan;
 pub mod telemetry;
+pub mod time;
 pub mod wire;

@@ -5,6 +5,8 @@
 //! things never reach a log line: patient data (the decoder never reads
 //! patient tags) and credentials (URLs go through [`redact_url`]).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::config::LogFormat;
@@ -12,11 +14,18 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
 /// Calling it twice is harmless (the second call does nothing), which keeps
 /// tests that start several services in one process simple.
+///
+/// Human logs are coloured only on a terminal: in a file, a pipe or a log
+/// shipper, escape sequences would only get in the way of `grep`.
+/// `NO_COLOR` turns colour off on a terminal too.
 pub fn init_tracing(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour_logs(std::io::stderr().is_terminal()));
     let _ = match format {
         LogFormat::Json => builder
             .json()
@@ -25,6 +34,12 @@ pub fn init_tracing(format: LogFormat, level: &str) {
             .try_init(),
         LogFormat::Human => builder.with_target(false).try_init(),
     };
+}
+
+/// Whether human logs get colour: only on a terminal, and never with
+/// `NO_COLOR` set (<https://no-color.org>).
+fn colour_logs(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Replaces the password of a URL with `***`, for logging.

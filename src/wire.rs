@@ -74,15 +74,18 @@ impl Priority {
     }
 }
 
+/// A priority name that is neither `stat` nor `routine`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown priority {0:?} (expected stat or routine)")]
+pub struct UnknownPriority(pub String);
+
 impl std::str::FromStr for Priority {
-    type Err = String;
+    type Err = UnknownPriority;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "stat" => Ok(Priority::Stat),
             "routine" => Ok(Priority::Routine),
-            other => Err(format!(
-                "unknown priority {other:?} (expected stat or routine)"
-            )),
+            other => Err(UnknownPriority(other.to_string())),
         }
     }
 }
@@ -91,22 +94,38 @@ impl std::str::FromStr for Priority {
 ///
 /// Ids are chosen by integrators; restricting the alphabet keeps them from
 /// smuggling key separators, control characters or PHI-sized payloads in.
-pub fn validate_job_id(id: &str) -> Result<(), String> {
+pub fn validate_job_id(id: &str) -> Result<(), JobIdError> {
     if id.is_empty() {
-        return Err("job id is empty".into());
+        return Err(JobIdError::Empty);
     }
     if id.len() > MAX_JOB_ID_LEN {
-        return Err(format!("job id longer than {MAX_JOB_ID_LEN} bytes"));
+        return Err(JobIdError::TooLong);
     }
     if let Some(c) = id
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Err(format!(
-            "job id contains {c:?}; allowed are A-Z a-z 0-9 - _ . :"
-        ));
+        return Err(JobIdError::BadCharacter(c));
     }
     Ok(())
+}
+
+/// Why a message has no usable job id. Such a message can only be
+/// dead-lettered: without an id, no result can be written for anyone to find.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobIdError {
+    /// The message has no `message_id`.
+    #[error("message has no message_id (the job id)")]
+    Missing,
+    /// The `message_id` is empty.
+    #[error("job id is empty")]
+    Empty,
+    /// Longer than [`MAX_JOB_ID_LEN`].
+    #[error("job id longer than {MAX_JOB_ID_LEN} bytes")]
+    TooLong,
+    /// A character outside `A-Z a-z 0-9 - _ . :`.
+    #[error("job id contains {0:?}; allowed are A-Z a-z 0-9 - _ . :")]
+    BadCharacter(char),
 }
 
 /// Names of every queue, exchange and key of one fleet.
@@ -315,7 +334,73 @@ pub struct ScanResult {
     pub correlation: BTreeMap<String, String>,
 }
 
+/// The part of a result that is the same whatever the outcome: which job,
+/// how urgent, what to echo back, and which worker answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobContext {
+    /// The job id.
+    pub job_id: String,
+    /// Urgency the scan was handled with.
+    pub priority: Priority,
+    /// Correlation headers to echo.
+    pub correlation: BTreeMap<String, String>,
+    /// The worker writing the result.
+    pub worker: String,
+}
+
+/// A model's answer on one scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    /// The verdict at `threshold`.
+    pub label: Label,
+    /// Probability of effusion in [0, 1].
+    pub p_effusion: f32,
+    /// The model's decision threshold.
+    pub threshold: f32,
+    /// Version of the model that answered.
+    pub model_version: String,
+}
+
 impl ScanResult {
+    /// The result of a classified scan, stamped now.
+    pub fn ok(job: JobContext, answer: Classification, timings_ms: Timings) -> ScanResult {
+        ScanResult {
+            status: Status::Ok,
+            label: Some(answer.label),
+            p_effusion: Some(answer.p_effusion),
+            threshold: Some(answer.threshold),
+            model_version: Some(answer.model_version),
+            error: None,
+            ..ScanResult::blank(job, timings_ms)
+        }
+    }
+
+    /// The result of a scan that cannot be classified, stamped now.
+    pub fn error(job: JobContext, error: ErrorInfo, timings_ms: Timings) -> ScanResult {
+        ScanResult {
+            error: Some(error),
+            ..ScanResult::blank(job, timings_ms)
+        }
+    }
+
+    fn blank(job: JobContext, timings_ms: Timings) -> ScanResult {
+        ScanResult {
+            schema: SCHEMA_VERSION,
+            job_id: job.job_id,
+            status: Status::Error,
+            label: None,
+            p_effusion: None,
+            threshold: None,
+            model_version: None,
+            priority: job.priority,
+            timings_ms,
+            worker: job.worker,
+            completed_at: crate::time::now_rfc3339(),
+            error: None,
+            correlation: job.correlation,
+        }
+    }
+
     /// Whether the job succeeded.
     pub fn is_ok(&self) -> bool {
         self.status == Status::Ok
@@ -338,87 +423,6 @@ pub fn correlation_headers<'a>(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn either_marker_makes_a_scan_stat() {
-        assert_eq!(Priority::from_markers(Some(5), None), Priority::Stat);
-        assert_eq!(
-            Priority::from_markers(Some(9), Some("routine")),
-            Priority::Stat
-        );
-        assert_eq!(Priority::from_markers(None, Some("STAT")), Priority::Stat);
-        assert_eq!(Priority::from_markers(Some(4), None), Priority::Routine);
-        assert_eq!(Priority::from_markers(None, None), Priority::Routine);
-    }
-
-    #[test]
-    fn job_ids_are_restricted() {
-        assert!(validate_job_id("3f2b-11:acc.9_x").is_ok());
-        assert!(validate_job_id("").is_err());
-        assert!(validate_job_id("a b").is_err());
-        assert!(validate_job_id("a\nb").is_err());
-        assert!(validate_job_id(&"x".repeat(MAX_JOB_ID_LEN + 1)).is_err());
-    }
-
-    #[test]
-    fn names_derive_from_the_namespace() {
-        let n = Names::new("t1");
-        assert_eq!(n.stat_queue(), "t1.scans.stat");
-        assert_eq!(n.routine_queue(), "t1.scans.routine");
-        assert_eq!(n.dead_queue(), "t1.dead");
-        assert_eq!(n.result_key("j"), "t1:result:j");
-        assert_eq!(n.results_stream(), "t1:results");
-    }
-
-    #[test]
-    fn only_correlation_headers_are_echoed() {
-        let long = "v".repeat(MAX_CORRELATION_VALUE + 1);
-        let echoed = correlation_headers([
-            ("x-pleura-accession", "ACC1"),
-            ("X-Pleura-Site", "north"),
-            ("x-pleura-priority", "stat"),
-            ("x-pleura-submitted-ms", "1"),
-            ("x-other", "no"),
-            ("x-pleura-long", long.as_str()),
-        ]);
-        assert_eq!(echoed.len(), 2);
-        assert_eq!(echoed["x-pleura-accession"], "ACC1");
-        assert_eq!(echoed["x-pleura-site"], "north");
-    }
-
-    #[test]
-    fn result_round_trips_with_schema_and_nulls() {
-        let r = ScanResult {
-            schema: SCHEMA_VERSION,
-            job_id: "j1".into(),
-            status: Status::Error,
-            label: None,
-            p_effusion: None,
-            threshold: None,
-            model_version: None,
-            priority: Priority::Routine,
-            timings_ms: Timings::default(),
-            worker: "w".into(),
-            completed_at: "2026-01-01T00:00:00Z".into(),
-            error: Some(ErrorInfo {
-                code: "corrupt_image".into(),
-                message: "bad".into(),
-            }),
-            correlation: BTreeMap::new(),
-        };
-        let json = serde_json::to_value(&r).unwrap();
-        assert_eq!(json["schema"], 1);
-        assert_eq!(json["status"], "error");
-        assert!(json["label"].is_null());
-        assert_eq!(json["error"]["code"], "corrupt_image");
-        let back: ScanResult = serde_json::from_value(json).unwrap();
-        assert_eq!(back, r);
-    }
-}
-
 /// Version of the registry and fleet documents below ([`RegistryEntry`],
 /// [`Activation`], [`ModelAnnouncement`], [`Heartbeat`]).
 pub const REGISTRY_SCHEMA_VERSION: u32 = 1;
@@ -432,7 +436,7 @@ pub struct RegistryEntry {
     /// The version, equal to `manifest.version`.
     pub version: String,
     /// The manifest, as published.
-    pub manifest: crate::manifest::Manifest,
+    pub manifest: crate::model::manifest::Manifest,
     /// SHA-256 of the exact `model.json` bytes in the artifact store.
     pub manifest_sha256: String,
     /// Where the artifact lives (`file://...` or `s3://...`), without credentials.
@@ -548,4 +552,160 @@ pub struct Heartbeat {
     pub at: String,
     /// Seconds until this heartbeat expires if not renewed.
     pub ttl_secs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn either_marker_makes_a_scan_stat() {
+        assert_eq!(Priority::from_markers(Some(5), None), Priority::Stat);
+        assert_eq!(
+            Priority::from_markers(Some(9), Some("routine")),
+            Priority::Stat
+        );
+        assert_eq!(Priority::from_markers(None, Some("STAT")), Priority::Stat);
+        assert_eq!(Priority::from_markers(Some(4), None), Priority::Routine);
+        assert_eq!(Priority::from_markers(None, None), Priority::Routine);
+    }
+
+    #[test]
+    fn job_ids_are_restricted() {
+        assert!(validate_job_id("3f2b-11:acc.9_x").is_ok());
+        assert!(validate_job_id("").is_err());
+        assert!(validate_job_id("a b").is_err());
+        assert!(validate_job_id("a\nb").is_err());
+        assert!(validate_job_id(&"x".repeat(MAX_JOB_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn names_derive_from_the_namespace() {
+        let n = Names::new("t1");
+        assert_eq!(n.stat_queue(), "t1.scans.stat");
+        assert_eq!(n.routine_queue(), "t1.scans.routine");
+        assert_eq!(n.dead_queue(), "t1.dead");
+        assert_eq!(n.result_key("j"), "t1:result:j");
+        assert_eq!(n.results_stream(), "t1:results");
+    }
+
+    #[test]
+    fn only_correlation_headers_are_echoed() {
+        let long = "v".repeat(MAX_CORRELATION_VALUE + 1);
+        let echoed = correlation_headers([
+            ("x-pleura-accession", "ACC1"),
+            ("X-Pleura-Site", "north"),
+            ("x-pleura-priority", "stat"),
+            ("x-pleura-submitted-ms", "1"),
+            ("x-other", "no"),
+            ("x-pleura-long", long.as_str()),
+        ]);
+        assert_eq!(echoed.len(), 2);
+        assert_eq!(echoed["x-pleura-accession"], "ACC1");
+        assert_eq!(echoed["x-pleura-site"], "north");
+    }
+
+    #[test]
+    fn result_round_trips_with_schema_and_nulls() {
+        let r = ScanResult {
+            schema: SCHEMA_VERSION,
+            job_id: "j1".into(),
+            status: Status::Error,
+            label: None,
+            p_effusion: None,
+            threshold: None,
+            model_version: None,
+            priority: Priority::Routine,
+            timings_ms: Timings::default(),
+            worker: "w".into(),
+            completed_at: "2026-01-01T00:00:00Z".into(),
+            error: Some(ErrorInfo {
+                code: "corrupt_image".into(),
+                message: "bad".into(),
+            }),
+            correlation: BTreeMap::new(),
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["schema"], 1);
+        assert_eq!(json["status"], "error");
+        assert!(json["label"].is_null());
+        assert_eq!(json["error"]["code"], "corrupt_image");
+        let back: ScanResult = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    fn context() -> JobContext {
+        JobContext {
+            job_id: "j2".into(),
+            priority: Priority::Stat,
+            correlation: BTreeMap::from([("x-pleura-accession".into(), "A1".into())]),
+            worker: "w1".into(),
+        }
+    }
+
+    #[test]
+    fn constructors_fill_every_field_for_their_outcome() {
+        let timings = Timings {
+            queue: Some(3.0),
+            decode: 2.0,
+            infer: 50.0,
+            total: 55.0,
+        };
+        let ok = ScanResult::ok(
+            context(),
+            Classification {
+                label: Label::Effusion,
+                p_effusion: 0.75,
+                threshold: 0.5,
+                model_version: "v1".into(),
+            },
+            timings,
+        );
+        assert!(ok.is_ok());
+        assert_eq!(ok.schema, SCHEMA_VERSION);
+        assert_eq!(
+            (ok.label, ok.p_effusion, ok.threshold),
+            (Some(Label::Effusion), Some(0.75), Some(0.5))
+        );
+        assert_eq!(ok.model_version.as_deref(), Some("v1"));
+        assert_eq!((ok.priority, ok.worker.as_str()), (Priority::Stat, "w1"));
+        assert_eq!(ok.correlation["x-pleura-accession"], "A1");
+        assert_eq!(ok.timings_ms, timings);
+        assert!(ok.error.is_none());
+        assert!(crate::time::is_rfc3339(&ok.completed_at));
+
+        let err = ScanResult::error(
+            context(),
+            ErrorInfo {
+                code: "corrupt_image".into(),
+                message: "bad".into(),
+            },
+            timings,
+        );
+        assert!(!err.is_ok());
+        assert_eq!(
+            (err.label, err.p_effusion, err.threshold),
+            (None, None, None)
+        );
+        assert_eq!(err.model_version, None);
+        assert_eq!(
+            err.error.as_ref().map(|e| e.code.as_str()),
+            Some("corrupt_image")
+        );
+        let json = serde_json::to_value(&err).unwrap();
+        assert!(json["label"].is_null() && json["p_effusion"].is_null());
+        assert_eq!(json["status"], "error");
+    }
+
+    #[test]
+    fn job_id_errors_say_what_is_wrong() {
+        assert_eq!(validate_job_id(""), Err(JobIdError::Empty));
+        assert_eq!(validate_job_id("a b"), Err(JobIdError::BadCharacter(' ')));
+        assert_eq!(
+            validate_job_id(&"x".repeat(MAX_JOB_ID_LEN + 1)),
+            Err(JobIdError::TooLong)
+        );
+        assert!("urgent".parse::<Priority>().is_err());
+        assert_eq!("STAT".parse::<Priority>(), Ok(Priority::Stat));
+    }
 }

@@ -27,7 +27,7 @@ pub(super) async fn run(settings: &Settings, cmd: FleetCommand) -> Result<ExitCo
         .await
         .map_err(failed)?;
     let names = settings.names();
-    let workers = crate::fleet::status(&mut redis, &names)
+    let workers = crate::fleet::heartbeat::status(&mut redis, &names)
         .await
         .map_err(failed)?;
     let active: Option<String> = redis::AsyncCommands::get(&mut redis, names.active_model_key())

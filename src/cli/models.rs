@@ -3,17 +3,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::{failed, CliError};
+use super::{announcer, failed, open_registry, CliError};
 use crate::config::Settings;
-use crate::manifest::ModelFiles;
-use crate::onnx::ResNetSpec;
-use crate::registry::{self, PublishOptions, Published, Registry, RegistryError};
-use crate::signing;
-use crate::wire::{Activation, GateOutcome, ModelAnnouncement, REGISTRY_SCHEMA_VERSION};
+use crate::model::ResNetSpec;
+use crate::registry::{self, signing, PublishRequest, Published};
+use crate::wire::GateOutcome;
 
 /// `pleura models ...`
 #[derive(Subcommand, Debug)]
@@ -114,34 +111,51 @@ pub(super) async fn run(settings: &Settings, cmd: ModelsCommand) -> Result<ExitC
             reason,
             no_activate,
         } => {
-            let req = PublishRequest {
+            let request = PublishRequest {
                 dir,
-                key,
+                key_file: key.or_else(|| settings.signing_key_file.clone()),
                 force,
                 reason,
                 activate: !no_activate,
+                by: registry::who(),
             };
-            let published = publish_model(settings, &req)
-                .await
-                .map_err(CliError::Failed)?;
-            print_published(&published);
+            let registry = open_registry(settings).await?;
+            let publication = registry::publish(
+                &registry,
+                &announcer(settings),
+                &settings.gate_policy(),
+                &request,
+            )
+            .await
+            .map_err(failed)?;
+            print_published(&publication.published);
+            warn_about(settings, &publication.warnings());
             Ok(ExitCode::SUCCESS)
         }
         ModelsCommand::List { json } => list(settings, json).await,
         ModelsCommand::Show { version } => show(settings, &version).await,
         ModelsCommand::Activate { version, reason } => {
-            let activation = activate_model(settings, &version, &reason)
-                .await
-                .map_err(CliError::Failed)?;
+            let registry = open_registry(settings).await?;
+            let promotion = registry::activate(
+                &registry,
+                &announcer(settings),
+                &version,
+                &reason,
+                &registry::who(),
+            )
+            .await
+            .map_err(failed)?;
+            let a = &promotion.activation;
             println!(
                 "{} is active (was {})",
-                activation.version,
-                activation.previous.as_deref().unwrap_or("none")
+                a.version,
+                a.previous.as_deref().unwrap_or("none")
             );
+            warn_about(settings, &promotion.warnings());
             Ok(ExitCode::SUCCESS)
         }
         ModelsCommand::History { limit } => {
-            let registry = open(settings).await?;
+            let registry = open_registry(settings).await?;
             for a in registry.history(limit).await.map_err(failed)? {
                 println!(
                     "{}  {} -> {}  by {}: {}",
@@ -168,7 +182,7 @@ fn init(out: &Path, seed: u64, width: i64, image_size: u32) -> Result<ExitCode, 
         image_size,
         ..ResNetSpec::with_width(width)
     };
-    let files = crate::manifest::init_model(&spec, seed).map_err(failed)?;
+    let files = crate::model::init_model(&spec, seed).map_err(failed)?;
     files.write_dir(out).map_err(failed)?;
     println!(
         "wrote untrained model {} to {}",
@@ -190,87 +204,17 @@ fn keygen(out: &Path, name: &str) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn open(settings: &Settings) -> Result<Registry, CliError> {
-    Registry::for_settings(settings).await.map_err(failed)
-}
-
-/// What to publish, and how.
-#[derive(Debug, Clone)]
-pub struct PublishRequest {
-    /// The model directory (`model.onnx` + `model.json`).
-    pub dir: PathBuf,
-    /// Signing key file; `None` falls back to `signing_key_file`, and
-    /// without either the model is published unsigned (workers refuse it
-    /// unless they allow unsigned models).
-    pub key: Option<PathBuf>,
-    /// Override a failed promotion gate.
-    pub force: bool,
-    /// Why; required with `force`.
-    pub reason: Option<String>,
-    /// Activate and announce after publishing.
-    pub activate: bool,
-}
-
-/// Publishes a model directory to the registry configured in `settings`,
-/// then activates and announces it. Shared by `pleura models publish` and
-/// `pleura-trainer train --publish`, so both follow the same gate.
-pub async fn publish_model(settings: &Settings, req: &PublishRequest) -> Result<Published, String> {
-    if req.force && req.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
-        return Err("--force needs a --reason, which the history records".into());
+/// Prints the library's warnings, with how soon workers heal by themselves.
+fn warn_about(settings: &Settings, warnings: &[String]) {
+    for w in warnings {
+        eprintln!("pleura: warning: {w}");
     }
-    let files = ModelFiles::read_dir(&req.dir).map_err(|e| e.to_string())?;
-    let key_path = req
-        .key
-        .clone()
-        .or_else(|| settings.signing_key_file.clone());
-    let key = key_path
-        .map(|p| signing::read_signing_key(&p))
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    if key.is_none() {
+    if warnings.iter().any(|w| w.contains("announce")) {
         eprintln!(
-            "pleura: warning: no signing key (--key or signing_key_file); publishing {} unsigned, \
-             which workers refuse unless allow_unsigned_models is on",
-            files.manifest.version
+            "pleura: workers switch within reconcile_interval_secs ({} s) anyway",
+            settings.reconcile_interval_secs
         );
     }
-    let registry = Registry::for_settings(settings)
-        .await
-        .map_err(|e| e.to_string())?;
-    let options = PublishOptions {
-        force: req.force,
-        reason: req.reason.clone(),
-        activate: req.activate,
-        by: registry::who(),
-    };
-    let published = registry
-        .publish(&files, key.as_ref(), &settings.gate_policy(), &options)
-        .await
-        .map_err(|e| match e {
-            RegistryError::GateFailed(_) => format!("{e}"),
-            other => other.to_string(),
-        })?;
-    if let Some(activation) = &published.activation {
-        announce(settings, activation).await;
-    }
-    Ok(published)
-}
-
-/// Makes `version` active (promotion or rollback) and announces it.
-pub async fn activate_model(
-    settings: &Settings,
-    version: &str,
-    reason: &str,
-) -> Result<Activation, String> {
-    let registry = Registry::for_settings(settings)
-        .await
-        .map_err(|e| e.to_string())?;
-    let activation = registry
-        .activate(version, reason, &registry::who())
-        .await
-        .map_err(|e| e.to_string())?;
-    announce(settings, &activation).await;
-    Ok(activation)
 }
 
 fn print_published(p: &Published) {
@@ -297,41 +241,12 @@ fn print_published(p: &Published) {
     }
 }
 
-/// Tells the workers, best effort: they reconcile with Redis on a timer
-/// anyway, so a broker that cannot be reached only delays the switch.
-async fn announce(settings: &Settings, activation: &Activation) {
-    let names = settings.names();
-    let announcement = ModelAnnouncement {
-        schema: REGISTRY_SCHEMA_VERSION,
-        version: activation.version.clone(),
-        at: activation.at.clone(),
-    };
-    let sent = tokio::time::timeout(Duration::from_secs(10), async {
-        let conn = crate::broker::connect(&settings.amqp_url, "pleura-cli").await?;
-        let r = crate::broker::announce_model(&conn, &names, &announcement).await;
-        let _ = conn.close(200, "done".into()).await;
-        r
-    })
-    .await;
-    match sent {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!(
-            "pleura: warning: could not announce ({e}); workers switch within reconcile_interval_secs ({} s)",
-            settings.reconcile_interval_secs
-        ),
-        Err(_) => eprintln!(
-            "pleura: warning: announcing timed out; workers switch within reconcile_interval_secs ({} s)",
-            settings.reconcile_interval_secs
-        ),
-    }
-}
-
 fn fmt_metric(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
 }
 
 async fn list(settings: &Settings, json: bool) -> Result<ExitCode, CliError> {
-    let registry = open(settings).await?;
+    let registry = open_registry(settings).await?;
     let entries = registry.entries().await.map_err(failed)?;
     let active = registry.active().await.map_err(failed)?;
     let mut out = std::io::stdout().lock();
@@ -384,7 +299,7 @@ async fn list(settings: &Settings, json: bool) -> Result<ExitCode, CliError> {
 }
 
 async fn show(settings: &Settings, version: &str) -> Result<ExitCode, CliError> {
-    let registry = open(settings).await?;
+    let registry = open_registry(settings).await?;
     let entry = registry
         .entry(version)
         .await

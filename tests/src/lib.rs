@@ -11,13 +11,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use pleura::broker::{self, Publisher, Submission};
 use pleura::config::Settings;
-use pleura::fleet::WorkerStatus;
-use pleura::manifest::ModelFiles;
-use pleura::onnx::ResNetSpec;
-use pleura::registry::{Published, Registry};
-use pleura::results::ResultStore;
+use pleura::fleet::broker::{self, Publisher, Submission};
+use pleura::fleet::{Announcer, ResultStore, WorkerStatus, DEFAULT_DELIVERY_LIMIT};
+use pleura::model::{ModelFiles, ResNetSpec};
+use pleura::registry::{self, PublishRequest, Published, Registry};
 use pleura::wire::{Names, Priority, ScanResult};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -133,9 +131,9 @@ pub struct Keys {
 impl Keys {
     /// Generates a key pair into `dir` as `NAME.key` / `NAME.pub`.
     pub fn generate(dir: &Path, name: &str) -> Keys {
-        let key = pleura::signing::generate();
+        let key = pleura::registry::signing::generate();
         let (private, public) =
-            pleura::signing::write_keypair(&key, dir, name).expect("write key pair");
+            pleura::registry::signing::write_keypair(&key, dir, name).expect("write key pair");
         Keys { private, public }
     }
 }
@@ -147,7 +145,7 @@ pub fn model_variant(seed: u64, width: i64) -> ModelFiles {
         image_size: 256,
         ..ResNetSpec::with_width(width)
     };
-    pleura::manifest::init_model(&spec, seed).expect("init model")
+    pleura::model::init_model(&spec, seed).expect("init model")
 }
 
 impl Fleet {
@@ -163,7 +161,7 @@ impl Fleet {
             image_size: 256,
             ..ResNetSpec::with_width(width)
         };
-        pleura::manifest::init_model(&spec, 7)
+        pleura::model::init_model(&spec, 7)
             .expect("init model")
             .write_dir(&model_dir)
             .expect("write model");
@@ -221,37 +219,47 @@ impl Fleet {
             .join("to-publish")
             .join(&files.manifest.version);
         files.write_dir(&dir).expect("write model");
-        let settings = Settings {
-            registry_url: self.registry_url(),
-            ..self.settings()
-        };
-        let req = pleura::cli::PublishRequest {
+        let request = PublishRequest {
             dir,
-            key: key.map(|k| k.private.clone()),
+            key_file: key.map(|k| k.private.clone()),
             force: true,
             reason: Some("test model".into()),
             activate,
+            by: "pleura-tests".into(),
         };
-        pleura::cli::publish_model(&settings, &req)
-            .await
-            .expect("publish")
+        registry::publish(
+            &self.registry().await,
+            &self.announcer(),
+            &Settings::default().gate_policy(),
+            &request,
+        )
+        .await
+        .expect("publish")
+        .published
+    }
+
+    /// Announces activations to this fleet's workers.
+    pub fn announcer(&self) -> Announcer {
+        Announcer::new(&amqp_url(), self.names.clone())
     }
 
     /// Activates `version` and announces it, as `pleura models activate` does.
     pub async fn activate(&self, version: &str) {
-        let settings = Settings {
-            registry_url: self.registry_url(),
-            ..self.settings()
-        };
-        pleura::cli::activate_model(&settings, version, "test")
-            .await
-            .expect("activate");
+        registry::activate(
+            &self.registry().await,
+            &self.announcer(),
+            version,
+            "test",
+            "pleura-tests",
+        )
+        .await
+        .expect("activate");
     }
 
     /// The workers' heartbeats, as `pleura fleet status` reads them.
     pub async fn workers(&self) -> Vec<WorkerStatus> {
         let mut conn = self.store().await.connection();
-        pleura::fleet::status(&mut conn, &self.names)
+        pleura::fleet::heartbeat::status(&mut conn, &self.names)
             .await
             .expect("fleet status")
     }
@@ -348,7 +356,7 @@ impl Fleet {
         let conn = broker::connect(&amqp_url(), "pleura-tests")
             .await
             .expect("connect to RabbitMQ");
-        let p = Publisher::new(&conn, self.names.clone(), 5)
+        let p = Publisher::new(&conn, self.names.clone(), DEFAULT_DELIVERY_LIMIT)
             .await
             .expect("publisher");
         (conn, p)
@@ -376,9 +384,7 @@ impl Fleet {
     /// Waits for every job's result.
     pub async fn wait_results(&self, ids: &[String], timeout: Duration) -> Vec<ScanResult> {
         let store = self.store().await;
-        let got = pleura::cli::wait_for_results(&store, ids, timeout)
-            .await
-            .expect("redis");
+        let got = store.wait_all(ids, timeout, |_| {}).await.expect("redis");
         let missing: Vec<&String> = ids
             .iter()
             .zip(&got)
@@ -518,6 +524,64 @@ impl Drop for Fleet {
     }
 }
 
+/// What a `pleura` command printed, and how it exited.
+#[derive(Debug)]
+pub struct CliRun {
+    /// The exit code; `None` when a signal ended it.
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// Asserts the exit code, showing what the command printed otherwise.
+    pub fn expect_code(self, code: i32) -> CliRun {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "pleura exited {:?}, not {code}\nstdout:\n{}\nstderr:\n{}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts the command succeeded.
+    pub fn expect_ok(self) -> CliRun {
+        self.expect_code(0)
+    }
+}
+
+impl Fleet {
+    /// Runs the real `pleura` binary against this fleet (its namespace,
+    /// broker and Redis), with `env` on top, within ten minutes.
+    pub async fn cli<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: impl IntoIterator<Item = S>,
+        env: &[(&str, &str)],
+    ) -> CliRun {
+        let mut cmd = tokio::process::Command::new(bin("pleura"));
+        cmd.args(args)
+            .envs(self.env())
+            .envs(env.iter().copied())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
+            .await
+            .expect("pleura finishes within 10 minutes")
+            .expect("pleura runs");
+        CliRun {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 /// `file://` URL of a directory.
 pub fn url_for_dir(dir: &Path) -> String {
     std::fs::create_dir_all(dir).expect("create dir");
@@ -552,13 +616,13 @@ pub fn phantoms(n: usize, size: u32) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let finding = if i % 10 == 0 {
-                pleura::phantom::Finding::Effusion
+                pleura_phantom::Finding::Effusion
             } else {
-                pleura::phantom::Finding::NoFinding
+                pleura_phantom::Finding::NoFinding
             };
-            pleura::phantom::render_png(
+            pleura_phantom::render_png(
                 finding,
-                &pleura::phantom::PhantomOptions {
+                &pleura_phantom::PhantomOptions {
                     size,
                     seed: i as u64,
                 },

@@ -10,20 +10,12 @@ use pleura::wire::Priority;
 use pleura_tests::*;
 
 async fn run_cli(fleet: &Fleet, args: &[&str], paths: &[PathBuf]) -> (i32, String, String) {
-    let mut cmd = tokio::process::Command::new(bin("pleura"));
-    cmd.args(args).args(paths).stdin(Stdio::null());
-    for (k, v) in fleet.env() {
-        cmd.env(k, v);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
-        .await
-        .expect("cli finishes")
-        .expect("cli runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let args = args
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain(paths.iter().map(|p| p.as_os_str()));
+    let run = fleet.cli(args, &[]).await;
+    (run.code.unwrap_or(-1), run.stdout, run.stderr)
 }
 
 fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
@@ -375,7 +367,7 @@ async fn a_redis_outage_loses_no_job_and_dead_letters_none() {
     };
     let worker = fleet.spawn_ready_worker(settings).await;
     let (_conn, publisher) = fleet.publisher().await;
-    let store = pleura::results::ResultStore::connect(&url, fleet.names.clone(), 3600, 1000)
+    let store = pleura::fleet::ResultStore::connect(&url, fleet.names.clone(), 3600, 1000)
         .await
         .unwrap();
     let scans = phantoms(4, 256);
@@ -455,7 +447,8 @@ async fn a_redis_outage_loses_no_job_and_dead_letters_none() {
 
     let _redis = OwnRedis::start(Some(port), Some(dir));
     let results = {
-        let got = pleura::cli::wait_for_results(&store, &ids, Duration::from_secs(120))
+        let got = store
+            .wait_all(&ids, Duration::from_secs(120), |_| {})
             .await
             .unwrap();
         assert!(

@@ -3,7 +3,7 @@
 //! tract is forgiving; other runtimes (onnxruntime, netron, the trainer's
 //! tooling) are not. `onnx.checker.check_model(full_check=True)` runs the
 //! ONNX spec's own structural checks and shape inference over what
-//! `pleura::onnx::write_onnx` produced, so a malformed attribute or a wrong
+//! `pleura::model::write_onnx` produced, so a malformed attribute or a wrong
 //! IR/opset pairing fails here rather than at an integrator's site.
 //!
 //! Needs a Python with the `onnx` package, named by `PLEURA_PYTHON`
@@ -12,8 +12,8 @@
 
 use std::process::Command;
 
-use pleura::manifest::{init_model, ModelFiles, ONNX_FILE};
-use pleura::onnx::{ResNetSpec, INPUT_NAME, OPSET_VERSION, OUTPUT_NAME};
+use pleura::model::manifest::{init_model, ModelFiles, ONNX_FILE};
+use pleura::model::onnx::{ResNetSpec, INPUT_NAME, OPSET_VERSION, OUTPUT_NAME};
 
 /// Runs the checker and prints a few facts back for Rust to compare, so the
 /// expectations stay defined on this side.

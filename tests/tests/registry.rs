@@ -8,11 +8,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use pleura::manifest::{sha256_hex, ModelFiles};
-use pleura::onnx::{init_weights, write_onnx, ResNetSpec};
+use pleura::model::manifest::{sha256_hex, ModelFiles};
+use pleura::model::{init_weights, write_onnx, ResNetSpec};
 use pleura::registry::{GatePolicy, PublishOptions, RegistryError};
 use pleura::wire::{GateOutcome, Priority};
-use pleura_tests::{bin, http_get, model_variant, phantoms, wait_until, Fleet, Keys, WorkerHandle};
+use pleura_tests::{http_get, model_variant, phantoms, wait_until, Fleet, Keys, WorkerHandle};
 
 const WIDTH: i64 = 8;
 /// The acceptance bound for a fleet to follow an activation.
@@ -74,7 +74,7 @@ async fn reload_under_load_loses_no_job_and_every_worker_follows_within_5s() {
         tokio::spawn(async move {
             for (i, id) in job_ids.iter().enumerate() {
                 publisher
-                    .submit(&pleura::broker::Submission {
+                    .submit(&pleura::fleet::Submission {
                         job_id: id,
                         body: &scans[i % scans.len()],
                         priority: Priority::Routine,
@@ -313,24 +313,20 @@ async fn rollback_with_the_cli_brings_the_fleet_back_within_5s() {
         .wait_fleet_on(&["w1", "w2"], &next.manifest.version, SWITCH_BOUND)
         .await;
 
-    let out = tokio::process::Command::new(bin("pleura"))
-        .args([
-            "models",
-            "activate",
-            &previous,
-            "--reason",
-            "rollback drill",
-        ])
-        .envs(fleet.env())
-        .env("PLEURA_REGISTRY_URL", fleet.registry_url())
-        .output()
+    let registry_url = fleet.registry_url();
+    fleet
+        .cli(
+            [
+                "models",
+                "activate",
+                &previous,
+                "--reason",
+                "rollback drill",
+            ],
+            &[("PLEURA_REGISTRY_URL", &registry_url)],
+        )
         .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .expect_ok();
     let took = fleet
         .wait_fleet_on(&["w1", "w2"], &previous, SWITCH_BOUND)
         .await;
@@ -370,7 +366,7 @@ async fn late_and_deaf_workers_converge_on_the_active_version() {
     // every worker's binding with it), then a version is activated and
     // announced to nobody. The reconcile timer (2 s here) still brings every
     // worker over.
-    let conn = pleura::broker::connect(&pleura_tests::amqp_url(), "pleura-tests")
+    let conn = pleura::fleet::broker::connect(&pleura_tests::amqp_url(), "pleura-tests")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -449,7 +445,7 @@ async fn a_worker_without_a_usable_model_is_not_ready_and_takes_no_jobs() {
 async fn publishing_runs_the_gate_and_versions_are_immutable() {
     let fleet = Fleet::new("gate", WIDTH);
     let keys = Keys::generate(fleet.tmp(), "ops");
-    let key = pleura::signing::read_signing_key(&keys.private).unwrap();
+    let key = pleura::registry::signing::read_signing_key(&keys.private).unwrap();
     let registry = fleet.registry().await;
     let policy = GatePolicy {
         min_auroc: 0.8,
@@ -553,25 +549,15 @@ async fn the_cli_lists_shows_verifies_and_reports_the_fleet() {
     let (workers, good) = fleet_on_good_model(&fleet, &keys).await;
     let unsigned = model_variant(12, WIDTH);
     fleet.publish(&unsigned, None, false).await;
-    let run = |args: Vec<String>| {
-        let fleet_env = fleet.env();
-        let registry_url = fleet.registry_url();
-        let public = keys.public.display().to_string();
-        async move {
-            let out = tokio::process::Command::new(bin("pleura"))
-                .args(&args)
-                .envs(fleet_env)
-                .env("PLEURA_REGISTRY_URL", registry_url)
-                .env("PLEURA_TRUSTED_KEYS", public)
-                .output()
-                .await
-                .unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
+    let registry_url = fleet.registry_url();
+    let public = keys.public.display().to_string();
+    let env = [
+        ("PLEURA_REGISTRY_URL", registry_url.as_str()),
+        ("PLEURA_TRUSTED_KEYS", public.as_str()),
+    ];
+    let run = |args: Vec<String>| async {
+        let run = fleet.cli(args, &env).await;
+        (run.code, run.stdout, run.stderr)
     };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use pleura::config::Settings;
 use pleura::wire::Priority;
 use pleura_tests::{
-    bin, model_variant, phantoms, skip, spawn_registry_worker_process, wait_until, Fleet, Keys,
+    model_variant, phantoms, skip, spawn_registry_worker_process, wait_until, Fleet, Keys,
 };
 
 /// The project's Python (`PLEURA_PYTHON`, set by `make test`) if it has moto.
@@ -116,46 +116,38 @@ async fn an_s3_registry_publishes_verifies_and_serves() {
     let version = model.manifest.version.clone();
     let dir = fleet.tmp().join("publish");
     model.write_dir(&dir).unwrap();
-    let cli = |args: &[&str]| {
-        let mut cmd = tokio::process::Command::new(bin("pleura"));
-        cmd.args(args)
-            .envs(fleet.env())
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("PLEURA_REGISTRY_URL", &registry_url)
-            .env("PLEURA_TRUSTED_KEYS", keys.public.display().to_string());
-        cmd
-    };
+    let public = keys.public.display().to_string();
+    let mut cli_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    cli_env.push(("PLEURA_REGISTRY_URL", &registry_url));
+    cli_env.push(("PLEURA_TRUSTED_KEYS", &public));
     let key = keys.private.display().to_string();
-    let out = cli(&[
-        "models",
-        "publish",
-        dir.to_str().unwrap(),
-        "--key",
-        &key,
-        "--force",
-        "--reason",
-        "s3 test",
-    ])
-    .output()
-    .await
-    .unwrap();
+    let published = fleet
+        .cli(
+            [
+                "models",
+                "publish",
+                dir.to_str().unwrap(),
+                "--key",
+                &key,
+                "--force",
+                "--reason",
+                "s3 test",
+            ],
+            &cli_env,
+        )
+        .await
+        .expect_ok();
     assert!(
-        out.status.success(),
+        published
+            .stdout
+            .contains(&format!("s3://{bucket}/models/{version}/")),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        published.stdout
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains(&format!("s3://{bucket}/models/{version}/")),
-        "{stdout}"
-    );
-
-    let out = cli(&["models", "verify", &version]).output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fleet
+        .cli(["models", "verify", &version], &cli_env)
+        .await
+        .expect_ok();
 
     // A worker process with the same S3 settings picks the model up.
     let settings = Settings {

@@ -15,7 +15,7 @@
 //! - brightness and contrast jitter (exposure and processing differences between sites);
 //! - a little Gaussian noise (quantum mottle).
 //!
-//! Everything works on the output of `pleura::preprocess::load_scan` (`size`×`size`, row
+//! Everything works on the output of `pleura::scan::load_scan` (`size`×`size`, row
 //! major, one channel, values in `[0, 1]`) and returns an image of the same shape, clamped
 //! to `[0, 1]` so the model never sees values that serving cannot produce.
 //!

@@ -1,7 +1,7 @@
 //! Export: the trained tch network becomes a model directory the fleet serves.
 //!
 //! The fleet runs ONNX in tract; the trainer trains in tch. The graph is
-//! written by the shared [`pleura::onnx::write_onnx`] from the `VarStore`
+//! written by the shared [`pleura::model::onnx::write_onnx`] from the `VarStore`
 //! tensors ([`crate::model::to_weights`]), so names and layout agree by
 //! construction, but agreement in *numbers* is only established by running
 //! both: [`check_parity`] runs the written bytes in tract exactly the way a
@@ -23,13 +23,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
-use pleura::engine::Graph;
-use pleura::manifest::{self, GoldenCase, InputSpec, Manifest, ManifestError, ModelFiles};
-use pleura::onnx::{self, OnnxError, ResNetSpec, Weights};
+use pleura::model::manifest::{self, GoldenCase, InputSpec, Manifest, ManifestError, ModelFiles};
+use pleura::model::onnx::{self, OnnxError, ResNetSpec, Weights};
+use pleura::model::Graph;
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{self, ModelError, ResNet};
+use crate::model::{self, NetError, ResNet};
 
 /// Largest tolerated absolute difference between a tract probability and the
 /// matching tch probability. Both compute in f32 with different kernels and
@@ -55,7 +55,7 @@ pub enum ExportError {
     Manifest(#[from] ManifestError),
     /// Reading the weights out of tch failed (naming or shape mismatch, tch error).
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(#[from] NetError),
     /// tract could not load, optimise or run the written graph.
     #[error("tract: {0}")]
     Tract(String),
@@ -92,11 +92,11 @@ pub enum ExportError {
 
 impl From<tch::TchError> for ExportError {
     fn from(e: tch::TchError) -> Self {
-        ExportError::Model(ModelError::Tch(e))
+        ExportError::Model(NetError::Tch(e))
     }
 }
 
-/// The fleet's own optimised plan for this graph (`pleura::engine::Graph`),
+/// The fleet's own optimised plan for this graph (`pleura::model::Graph`),
 /// so parity is measured on exactly what the workers will run.
 fn tract_graph(onnx: &[u8], spec: &ResNetSpec) -> Result<Graph, ExportError> {
     Graph::from_onnx(onnx, spec.image_size).map_err(|e| ExportError::Tract(e.to_string()))
@@ -226,7 +226,7 @@ pub fn check_parity(
     parity_with(&graph, model, device, spec, inputs)
 }
 
-pub use pleura::manifest::golden_input;
+pub use pleura::model::manifest::golden_input;
 
 /// What to export.
 pub struct ExportRequest<'a> {
@@ -329,7 +329,7 @@ fn export_with(
     tamper(&mut weights);
     let onnx = onnx::write_onnx(spec, &weights)?;
     let sha256 = manifest::sha256_hex(&onnx);
-    let created_at = manifest::rfc3339_seconds(SystemTime::now());
+    let created_at = pleura::time::rfc3339_seconds(SystemTime::now());
     let version = match &req.version {
         Some(v) => v.clone(),
         None => generated_version(&created_at, &sha256),
@@ -439,18 +439,11 @@ pub fn code_revision() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pleura::engine::Engine;
+    use pleura::model::Engine;
     use rand::Rng;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
     use tch::nn;
-
-    fn tiny(size: u32) -> ResNetSpec {
-        ResNetSpec {
-            image_size: size,
-            ..ResNetSpec::with_width(4)
-        }
-    }
 
     fn random_images(n: usize, size: u32, seed: u64) -> Vec<Vec<f32>> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -473,18 +466,58 @@ mod tests {
         (vs, m)
     }
 
-    fn request<'a>(
-        spec: &'a ResNetSpec,
-        inputs: &'a [Vec<f32>],
-        version: Option<&str>,
-    ) -> ExportRequest<'a> {
-        ExportRequest {
-            spec,
-            threshold: 0.3,
-            metrics: serde_json::json!({"auroc": 0.5}),
-            training: serde_json::json!({"epochs": 0, "code_revision": code_revision()}),
-            parity_inputs: inputs,
-            version: version.map(str::to_string),
+    /// What every export test starts from: a randomly initialised tiny
+    /// ResNet at `size`, its parity inputs, and a scratch output folder.
+    struct Fixture {
+        spec: ResNetSpec,
+        vs: nn::VarStore,
+        net: ResNet,
+        inputs: Vec<Vec<f32>>,
+        tmp: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new(size: u32, seed: i64) -> Fixture {
+            let spec = ResNetSpec {
+                image_size: size,
+                ..ResNetSpec::tiny()
+            };
+            let (vs, net) = build(&spec, seed);
+            Fixture {
+                inputs: parity_inputs(size),
+                spec,
+                vs,
+                net,
+                tmp: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn out(&self) -> &Path {
+            self.tmp.path()
+        }
+
+        fn request<'a>(&'a self, version: Option<&str>) -> ExportRequest<'a> {
+            self.request_with(&self.inputs, version)
+        }
+
+        fn request_with<'a>(
+            &'a self,
+            inputs: &'a [Vec<f32>],
+            version: Option<&str>,
+        ) -> ExportRequest<'a> {
+            ExportRequest {
+                spec: &self.spec,
+                threshold: 0.3,
+                metrics: serde_json::json!({"auroc": 0.5}),
+                training: serde_json::json!({"epochs": 0, "code_revision": code_revision()}),
+                parity_inputs: inputs,
+                version: version.map(str::to_string),
+            }
+        }
+
+        /// Exports this model into the scratch folder.
+        fn export(&self, req: &ExportRequest) -> Result<Exported, ExportError> {
+            export(&self.net, &self.vs, Device::Cpu, req, self.out())
         }
     }
 
@@ -524,12 +557,8 @@ mod tests {
 
     #[test]
     fn export_of_random_model_passes_parity_and_loads() {
-        let spec = tiny(32);
-        let (vs, m) = build(&spec, 1);
-        let inputs = parity_inputs(32);
-        let tmp = tempfile::tempdir().unwrap();
-        let req = request(&spec, &inputs, None);
-        let e = export(&m, &vs, Device::Cpu, &req, tmp.path()).unwrap();
+        let f = Fixture::new(32, 1);
+        let e = f.export(&f.request(None)).unwrap();
         eprintln!(
             "random init @32: parity max abs diff {:e}",
             e.parity_max_abs_diff
@@ -537,18 +566,18 @@ mod tests {
         assert!(e.parity_max_abs_diff <= PARITY_TOLERANCE);
 
         let man = &e.manifest;
-        assert_eq!(e.dir, tmp.path().join(&man.version));
+        assert_eq!(e.dir, f.out().join(&man.version));
         assert!(man.version.starts_with("effusion-"), "{}", man.version);
         assert_eq!(
             man.version.len(),
             "effusion-20250102T030405Z-1a2b3c4d".len()
         );
         assert!(man.version.ends_with(&man.sha256[..8]));
-        assert!(humantime::parse_rfc3339(&man.created_at).is_ok());
+        assert!(pleura::time::is_rfc3339(&man.created_at));
         assert!(man.trained);
         assert_eq!(man.threshold, 0.3);
         assert_eq!(man.input.size, 32);
-        assert_eq!(&man.spec, &spec);
+        assert_eq!(&man.spec, &f.spec);
         assert_eq!(man.metrics, Some(serde_json::json!({"auroc": 0.5})));
         assert_eq!(man.training.as_ref().unwrap()["epochs"], 0);
         assert_eq!(
@@ -566,22 +595,12 @@ mod tests {
     /// The golden expectations are tract's, and tch agrees with them too.
     #[test]
     fn golden_cases_match_tch() {
-        let spec = tiny(64);
-        let (vs, m) = build(&spec, 2);
-        let inputs = parity_inputs(64);
-        let tmp = tempfile::tempdir().unwrap();
-        let e = export(
-            &m,
-            &vs,
-            Device::Cpu,
-            &request(&spec, &inputs, Some("golden-1")),
-            tmp.path(),
-        )
-        .unwrap();
-        assert_eq!(e.dir, tmp.path().join("golden-1"));
+        let f = Fixture::new(64, 2);
+        let e = f.export(&f.request(Some("golden-1"))).unwrap();
+        assert_eq!(e.dir, f.out().join("golden-1"));
         assert_golden_reproduces(&e.dir);
         let golden: Vec<Vec<f32>> = GOLDEN_SEEDS.iter().map(|&s| golden_input(s, 64)).collect();
-        let reference = tch_probabilities(&m, Device::Cpu, &spec, &golden).unwrap();
+        let reference = tch_probabilities(&f.net, Device::Cpu, &f.spec, &golden).unwrap();
         for (g, want) in e.manifest.golden.iter().zip(reference.chunks(2)) {
             for (a, b) in g.expected.iter().zip(want) {
                 assert!((a - b).abs() <= PARITY_TOLERANCE, "{g:?} vs {want:?}");
@@ -591,13 +610,11 @@ mod tests {
 
     #[test]
     fn perturbed_weight_fails_parity_and_writes_nothing() {
-        let spec = tiny(32);
-        let (vs, m) = build(&spec, 3);
-        let inputs = parity_inputs(32);
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("models");
-        let req = request(&spec, &inputs, Some("broken-1"));
-        let err = export_with(&m, &vs, Device::Cpu, &req, &out, |w| {
+        let f = Fixture::new(32, 3);
+        let (spec, m, inputs) = (&f.spec, &f.net, &f.inputs);
+        let out = f.out().join("models");
+        let req = f.request(Some("broken-1"));
+        let err = export_with(m, &f.vs, Device::Cpu, &req, &out, |w| {
             w.get_mut("fc.bias").unwrap().data[0] += 1.0;
         })
         .unwrap_err();
@@ -617,18 +634,18 @@ mod tests {
         // The same through check_parity with bytes from perturbed weights: a
         // single batch-norm running statistic, the kind of tensor a careless
         // export forgets.
-        let mut w = model::to_weights(&vs, &spec).unwrap();
+        let mut w = model::to_weights(&f.vs, spec).unwrap();
         assert!(check_parity(
-            &m,
+            m,
             Device::Cpu,
-            &spec,
-            &onnx::write_onnx(&spec, &w).unwrap(),
-            &inputs
+            spec,
+            &onnx::write_onnx(spec, &w).unwrap(),
+            inputs
         )
         .is_ok());
         w.get_mut("layer1.0.bn2.running_mean").unwrap().data[1] = 3.0;
-        let bytes = onnx::write_onnx(&spec, &w).unwrap();
-        match check_parity(&m, Device::Cpu, &spec, &bytes, &inputs) {
+        let bytes = onnx::write_onnx(spec, &w).unwrap();
+        match check_parity(m, Device::Cpu, spec, &bytes, inputs) {
             Err(ExportError::Parity { max_abs_diff, .. }) => {
                 eprintln!("running_mean perturbed: parity max abs diff {max_abs_diff:e}");
             }
@@ -638,15 +655,15 @@ mod tests {
 
     #[test]
     fn parity_holds_after_training_steps() {
-        let spec = tiny(64);
-        let (vs, m) = build(&spec, 4);
+        let f = Fixture::new(64, 4);
+        let (spec, vs, m) = (&f.spec, &f.vs, &f.net);
         let mut opt = {
             use tch::nn::OptimizerConfig;
             nn::Sgd {
                 momentum: 0.9,
                 ..Default::default()
             }
-            .build(&vs, 0.05)
+            .build(vs, 0.05)
             .unwrap()
         };
         let images = random_images(8, 64, 21);
@@ -666,7 +683,7 @@ mod tests {
             opt.backward_step(&loss);
         }
         // BN statistics moved away from their (0, 1) start, in every layer.
-        let w = model::to_weights(&vs, &spec).unwrap();
+        let w = model::to_weights(vs, spec).unwrap();
         for (name, t) in w.iter() {
             if name.ends_with("running_mean") {
                 assert!(t.data.iter().any(|v| v.abs() > 1e-3), "{name} still zero");
@@ -678,16 +695,7 @@ mod tests {
                 );
             }
         }
-        let inputs = parity_inputs(64);
-        let tmp = tempfile::tempdir().unwrap();
-        let e = export(
-            &m,
-            &vs,
-            Device::Cpu,
-            &request(&spec, &inputs, Some("trained-1")),
-            tmp.path(),
-        )
-        .unwrap();
+        let e = f.export(&f.request(Some("trained-1"))).unwrap();
         eprintln!(
             "after 5 SGD steps @64: parity max abs diff {:e}",
             e.parity_max_abs_diff
@@ -698,14 +706,11 @@ mod tests {
 
     #[test]
     fn existing_version_is_refused_and_left_alone() {
-        let spec = tiny(32);
-        let (vs, m) = build(&spec, 5);
-        let inputs = parity_inputs(32);
-        let tmp = tempfile::tempdir().unwrap();
-        let req = request(&spec, &inputs, Some("v1"));
-        let first = export(&m, &vs, Device::Cpu, &req, tmp.path()).unwrap();
+        let f = Fixture::new(32, 5);
+        let req = f.request(Some("v1"));
+        let first = f.export(&req).unwrap();
         let before = fs::read(first.dir.join(manifest::MANIFEST_FILE)).unwrap();
-        match export(&m, &vs, Device::Cpu, &req, tmp.path()) {
+        match f.export(&req) {
             Err(ExportError::VersionExists { dir }) => assert_eq!(dir, first.dir),
             other => panic!("{other:?}"),
         }
@@ -715,64 +720,43 @@ mod tests {
         );
 
         // An unrelated existing entry (even an empty dir or a file) also blocks.
-        fs::create_dir(tmp.path().join("v2")).unwrap();
-        fs::write(tmp.path().join("v3"), b"x").unwrap();
+        fs::create_dir(f.out().join("v2")).unwrap();
+        fs::write(f.out().join("v3"), b"x").unwrap();
         for v in ["v2", "v3"] {
-            let req = request(&spec, &inputs, Some(v));
             assert!(matches!(
-                export(&m, &vs, Device::Cpu, &req, tmp.path()),
+                f.export(&f.request(Some(v))),
                 Err(ExportError::VersionExists { .. })
             ));
         }
-        assert_eq!(entries(&tmp.path().join("v2")), Vec::<String>::new());
+        assert_eq!(entries(&f.out().join("v2")), Vec::<String>::new());
     }
 
     #[test]
     fn bad_requests_are_refused_before_writing() {
-        let spec = tiny(32);
-        let (vs, m) = build(&spec, 6);
-        let inputs = parity_inputs(32);
-        let tmp = tempfile::tempdir().unwrap();
+        let f = Fixture::new(32, 6);
         for v in ["..", ".", "a/b", "", "x y", "a".repeat(65).as_str()] {
-            let req = request(&spec, &inputs, Some(v));
             assert!(
-                matches!(
-                    export(&m, &vs, Device::Cpu, &req, tmp.path()),
-                    Err(ExportError::Invalid(_))
-                ),
+                matches!(f.export(&f.request(Some(v))), Err(ExportError::Invalid(_))),
                 "{v:?}"
             );
         }
         let none: Vec<Vec<f32>> = Vec::new();
         assert!(matches!(
-            export(
-                &m,
-                &vs,
-                Device::Cpu,
-                &request(&spec, &none, Some("a")),
-                tmp.path()
-            ),
+            f.export(&f.request_with(&none, Some("a"))),
             Err(ExportError::Invalid(_))
         ));
         let short = vec![vec![0.5f32; 31 * 31]];
         assert!(matches!(
-            export(
-                &m,
-                &vs,
-                Device::Cpu,
-                &request(&spec, &short, Some("a")),
-                tmp.path()
-            ),
+            f.export(&f.request_with(&short, Some("a"))),
             Err(ExportError::Invalid(_))
         ));
-        let mut req = request(&spec, &inputs, Some("a"));
+        let mut req = f.request(Some("a"));
         req.threshold = 1.0;
         assert!(matches!(
-            export(&m, &vs, Device::Cpu, &req, tmp.path()),
+            f.export(&req),
             Err(ExportError::Manifest(ManifestError::Invalid(_)))
         ));
         // A VarStore from another spec: the weights do not fit.
-        let other = tiny(32);
         let (vs8, _m8) = build(
             &ResNetSpec {
                 image_size: 32,
@@ -781,16 +765,10 @@ mod tests {
             6,
         );
         assert!(matches!(
-            export(
-                &m,
-                &vs8,
-                Device::Cpu,
-                &request(&other, &inputs, Some("a")),
-                tmp.path()
-            ),
-            Err(ExportError::Model(ModelError::ShapeMismatch { .. }))
+            export(&f.net, &vs8, Device::Cpu, &f.request(Some("a")), f.out()),
+            Err(ExportError::Model(NetError::ShapeMismatch { .. }))
         ));
-        assert_eq!(entries(tmp.path()), Vec::<String>::new());
+        assert_eq!(entries(f.out()), Vec::<String>::new());
     }
 
     /// `golden_input(1, 32)` at pixels 0, 1, 517 and 1023, as f32 bits.

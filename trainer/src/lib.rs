@@ -4,8 +4,8 @@
 //! serves, after checking tract agrees with tch.
 //!
 //! It reuses the shared contract and copies none of it: decoding and
-//! preprocessing (`pleura::preprocess::load_scan`), the network shape
-//! (`pleura::onnx::ResNetSpec`), the ONNX writer and the model manifest.
+//! preprocessing (`pleura::scan::load_scan`), the network shape
+//! (`pleura::model::onnx::ResNetSpec`), the ONNX writer and the model manifest.
 //!
 //! # Layout
 //!

@@ -19,7 +19,7 @@ enum Command {
     /// Train on a folder with effusion/ and nofinding/ (and optionally labels.csv),
     /// evaluate on a held-out split, and export model.onnx + model.json + a report
     /// to OUT/<version>/.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Draw synthetic CXR-like phantoms in the training layout (for demos and
     /// tests; never a substitute for real data in evaluation).
     Synth {
@@ -131,7 +131,7 @@ fn main() -> ExitCode {
                 eprintln!("pleura-trainer: --n must be >= 1 and --prevalence within [0, 1]");
                 return ExitCode::from(2);
             }
-            match pleura::phantom::write_dataset(&out, n, prevalence, size, seed) {
+            match pleura_phantom::write_dataset(&out, n, prevalence, size, seed) {
                 Ok(summary) => {
                     println!(
                         "wrote {} phantoms ({} effusion, {} nofinding) to {}",
@@ -243,30 +243,45 @@ fn print_summary(o: &pleura_trainer::train::TrainOutcome) {
     }
 }
 
+/// Publishes the exported model through the same library call as
+/// `pleura models publish`: gate, signature, activation, announcement.
 fn publish_export(
     settings: &pleura::config::Settings,
     dir: &std::path::Path,
     force: bool,
     reason: Option<String>,
 ) -> ExitCode {
+    use pleura::registry::{self, PublishRequest, Registry};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let req = pleura::cli::PublishRequest {
+    let request = PublishRequest {
         dir: dir.to_path_buf(),
-        key: None,
+        key_file: settings.signing_key_file.clone(),
         force,
         reason,
         activate: true,
+        by: registry::who(),
     };
-    match runtime.block_on(pleura::cli::publish_model(settings, &req)) {
+    let published = runtime.block_on(async {
+        let registry = Registry::connect(
+            &settings.redis_url,
+            settings.names(),
+            &settings.registry_url,
+        )
+        .await?;
+        let announcer = pleura::fleet::Announcer::new(&settings.amqp_url, settings.names());
+        registry::publish(&registry, &announcer, &settings.gate_policy(), &request).await
+    });
+    match published {
         Ok(p) => {
+            let entry = &p.published.entry;
             println!(
                 "published {} to {}{}",
-                p.entry.version,
-                p.entry.artifact_url,
-                match &p.activation {
+                entry.version,
+                entry.artifact_url,
+                match &p.published.activation {
                     Some(a) => format!(
                         "; active now (was {})",
                         a.previous.as_deref().unwrap_or("none")
@@ -274,6 +289,9 @@ fn publish_export(
                     None => String::new(),
                 }
             );
+            for w in p.warnings() {
+                eprintln!("pleura-trainer: warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,7 +1,7 @@
 //! The effusion ResNet in tch, built from the shared [`ResNetSpec`].
 //!
 //! The fleet never runs this code: it serves the ONNX graph that
-//! [`pleura::onnx::write_onnx`] writes from the same spec. That only works if
+//! [`pleura::model::onnx::write_onnx`] writes from the same spec. That only works if
 //! the two networks are the same function with the same parameter names, so
 //! this module mirrors the writer layer for layer (7x7/2 stem conv, BN, ReLU,
 //! 3x3/2 max-pool, basic blocks with identity or 1x1 downsample shortcuts,
@@ -17,14 +17,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use pleura::onnx::{ResNetSpec, Weights};
+use pleura::model::onnx::{ResNetSpec, Weights};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 /// Batch-norm epsilon, the same constant the ONNX writer puts in every
 /// `BatchNormalization` node (torch's default). A different value here would
 /// make tch and tract normalise differently and fail the parity check.
-pub const BN_EPSILON: f64 = pleura::onnx::BN_EPSILON as f64;
+pub const BN_EPSILON: f64 = pleura::model::onnx::BN_EPSILON as f64;
 
 /// Batch-norm momentum for the running statistics: torch's default 0.1
 /// (`running = 0.9 * running + 0.1 * batch`). It only affects training; the
@@ -37,9 +37,10 @@ pub const BN_MOMENTUM: f64 = 0.1;
 /// should a later tch add it, [`to_weights`] skips it instead of failing.
 const NUM_BATCHES_TRACKED: &str = "num_batches_tracked";
 
-/// Why a model could not be built, placed or read out.
+/// Why the tch network could not be built, placed on a device, or read out
+/// as weights. (The fleet's side of a model has `pleura::model::EngineError`.)
 #[derive(Debug, thiserror::Error)]
-pub enum ModelError {
+pub enum NetError {
     /// `--device cuda` was asked for but libtorch sees no CUDA device.
     #[error(
         "device \"cuda\" was requested but tch reports no usable CUDA device \
@@ -251,10 +252,10 @@ impl ResNet {
         Ok(seen as usize)
     }
 
-    /// [`ResNet::new`], but an invalid spec is [`ModelError::InvalidSpec`].
-    pub fn try_new(vs: &nn::Path, spec: &ResNetSpec) -> Result<ResNet, ModelError> {
+    /// [`ResNet::new`], but an invalid spec is [`NetError::InvalidSpec`].
+    pub fn try_new(vs: &nn::Path, spec: &ResNetSpec) -> Result<ResNet, NetError> {
         spec.validate()
-            .map_err(|e| ModelError::InvalidSpec(e.to_string()))?;
+            .map_err(|e| NetError::InvalidSpec(e.to_string()))?;
         let conv1 = conv(&(vs / "conv1"), spec.in_channels, spec.stem_width, 7, 2, 3);
         let bn1 = batch_norm(&(vs / "bn1"), spec.stem_width);
         let mut blocks = Vec::new();
@@ -323,13 +324,13 @@ impl ModuleT for ResNet {
 /// and the CPU otherwise; `"cpu"` is the CPU; `"cuda"` is CUDA device 0 and
 /// an error when there is none, so a run that was meant for the GPU never
 /// silently crawls on the CPU.
-pub fn device_from(choice: &str) -> Result<Device, ModelError> {
+pub fn device_from(choice: &str) -> Result<Device, NetError> {
     match choice {
         "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
         "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        "cuda" => Err(ModelError::CudaUnavailable),
-        other => Err(ModelError::UnknownDevice(other.to_string())),
+        "cuda" => Err(NetError::CudaUnavailable),
+        other => Err(NetError::UnknownDevice(other.to_string())),
     }
 }
 
@@ -353,14 +354,14 @@ pub(crate) fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
 }
 
 /// Reads every parameter and buffer of `spec` (batch-norm running statistics
-/// included) out of `vs` as CPU f32, ready for [`pleura::onnx::write_onnx`].
+/// included) out of `vs` as CPU f32, ready for [`pleura::model::onnx::write_onnx`].
 ///
 /// A spec parameter missing from the store, a shape that differs, or a store
 /// variable that is not a spec parameter is an error: each means the tch
 /// network and the ONNX graph disagree. The one tolerated extra is a batch
 /// norm's `num_batches_tracked` counter (not an inference parameter), which
 /// tch 0.26 does not create but PyTorch does.
-pub fn to_weights(vs: &nn::VarStore, spec: &ResNetSpec) -> Result<Weights, ModelError> {
+pub fn to_weights(vs: &nn::VarStore, spec: &ResNetSpec) -> Result<Weights, NetError> {
     let vars: HashMap<String, Tensor> = vs.variables();
     let params = spec.params();
     let spec_names: BTreeSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
@@ -371,17 +372,17 @@ pub fn to_weights(vs: &nn::VarStore, spec: &ResNetSpec) -> Result<Weights, Model
         .into_iter()
         .find(|n| !spec_names.contains(n.as_str()) && !is_documented_extra(n, &spec_names))
     {
-        return Err(ModelError::UnexpectedVariable { name: name.clone() });
+        return Err(NetError::UnexpectedVariable { name: name.clone() });
     }
     let _no_grad = tch::no_grad_guard();
     let mut weights = Weights::new();
     for p in &params {
-        let t = vars.get(&p.name).ok_or_else(|| ModelError::MissingParam {
+        let t = vars.get(&p.name).ok_or_else(|| NetError::MissingParam {
             name: p.name.clone(),
         })?;
         let found = t.size();
         if found != p.shape {
-            return Err(ModelError::ShapeMismatch {
+            return Err(NetError::ShapeMismatch {
                 name: p.name.clone(),
                 expected: p.shape.clone(),
                 found,
@@ -399,7 +400,7 @@ mod tests {
     fn tiny(size: u32) -> ResNetSpec {
         ResNetSpec {
             image_size: size,
-            ..ResNetSpec::with_width(4)
+            ..ResNetSpec::tiny()
         }
     }
 
@@ -527,7 +528,7 @@ mod tests {
         tch::manual_seed(5);
         let spec = ResNetSpec {
             image_size: 64,
-            ..ResNetSpec::with_width(4)
+            ..ResNetSpec::tiny()
         };
         let vs = nn::VarStore::new(Device::Cpu);
         let m = ResNet::new(&vs.root(), &spec);
@@ -649,13 +650,13 @@ mod tests {
             assert_eq!(t.data, to_f32_vec(&vars[&p.name]).unwrap(), "{}", p.name);
         }
         // The shared writer accepts it as is.
-        pleura::onnx::write_onnx(&spec, &w).unwrap();
+        pleura::model::onnx::write_onnx(&spec, &w).unwrap();
 
         // Wider network than the spec: shape mismatch, named.
         let wide = nn::VarStore::new(Device::Cpu);
         let _ = ResNet::new(&wide.root(), &ResNetSpec::with_width(8));
         match to_weights(&wide, &ResNetSpec::with_width(4)) {
-            Err(ModelError::ShapeMismatch { name, .. }) => assert_eq!(name, "conv1.weight"),
+            Err(NetError::ShapeMismatch { name, .. }) => assert_eq!(name, "conv1.weight"),
             other => panic!("{other:?}"),
         }
         // Spec with an extra block: missing parameter.
@@ -664,7 +665,7 @@ mod tests {
             ..spec.clone()
         };
         match to_weights(&vs, &deeper) {
-            Err(ModelError::MissingParam { name }) => {
+            Err(NetError::MissingParam { name }) => {
                 assert!(name.starts_with("layer4.2."), "{name}")
             }
             other => panic!("{other:?}"),
@@ -677,7 +678,7 @@ mod tests {
                 ..spec.clone()
             },
         ) {
-            Err(ModelError::UnexpectedVariable { name }) => {
+            Err(NetError::UnexpectedVariable { name }) => {
                 assert!(name.starts_with("layer4.1."), "{name}")
             }
             other => panic!("{other:?}"),
@@ -692,7 +693,7 @@ mod tests {
         assert_eq!(to_weights(&vs2, &spec).unwrap().len(), spec.params().len());
         let _ = vs2.root().sub("fc").zeros("extra", &[1]);
         match to_weights(&vs2, &spec) {
-            Err(ModelError::UnexpectedVariable { name }) => assert_eq!(name, "fc.extra"),
+            Err(NetError::UnexpectedVariable { name }) => assert_eq!(name, "fc.extra"),
             other => panic!("{other:?}"),
         }
         // A counter under a path that is not a batch norm is not excused.
@@ -704,7 +705,7 @@ mod tests {
             .zeros_no_train(NUM_BATCHES_TRACKED, &[]);
         assert!(matches!(
             to_weights(&vs3, &spec),
-            Err(ModelError::UnexpectedVariable { .. })
+            Err(NetError::UnexpectedVariable { .. })
         ));
     }
 
@@ -717,7 +718,7 @@ mod tests {
         };
         assert!(matches!(
             ResNet::try_new(&vs.root(), &bad),
-            Err(ModelError::InvalidSpec(_))
+            Err(NetError::InvalidSpec(_))
         ));
     }
 
@@ -731,11 +732,11 @@ mod tests {
         } else {
             assert_eq!(auto, Device::Cpu);
             let e = device_from("cuda").unwrap_err();
-            assert!(matches!(e, ModelError::CudaUnavailable));
+            assert!(matches!(e, NetError::CudaUnavailable));
             assert!(e.to_string().contains("no usable CUDA device"), "{e}");
         }
         let e = device_from("gpu").unwrap_err();
-        assert!(matches!(e, ModelError::UnknownDevice(_)));
+        assert!(matches!(e, NetError::UnknownDevice(_)));
         assert!(e.to_string().contains("\"auto\", \"cpu\" or \"cuda\""));
     }
 }

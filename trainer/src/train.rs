@@ -19,15 +19,20 @@ use serde::Serialize;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use pleura::onnx::ResNetSpec;
-use pleura::preprocess::Limits;
+use pleura::model::onnx::ResNetSpec;
+use pleura::scan::Limits;
 
 use crate::augment::AugmentConfig;
 use crate::data::{self, Batch, DataError, Loader, Sample};
 use crate::export::{self, ExportError, ExportRequest, Exported};
 use crate::metrics::{self, Evaluation};
-use crate::model::{self, ModelError, ResNet};
+use crate::model::{self, NetError, ResNet};
 use crate::report::{self, EpochRecord, Report};
+
+/// A flag value that does not parse, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadFlag(pub String);
 
 /// How the two classes are weighted in the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -41,23 +46,25 @@ pub enum ClassWeights {
 }
 
 impl std::str::FromStr for ClassWeights {
-    type Err = String;
+    type Err = BadFlag;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(ClassWeights::Auto),
             "none" => Ok(ClassWeights::None),
             other => {
                 let (a, b) = other.split_once(',').ok_or_else(|| {
-                    format!("class weights {other:?}: expected auto, none or A,B")
+                    BadFlag(format!(
+                        "class weights {other:?}: expected auto, none or A,B"
+                    ))
                 })?;
                 let parse = |v: &str| {
                     v.trim()
                         .parse::<f64>()
-                        .map_err(|e| format!("class weight {v:?}: {e}"))
+                        .map_err(|e| BadFlag(format!("class weight {v:?}: {e}")))
                 };
                 let (a, b) = (parse(a)?, parse(b)?);
                 if !(a > 0.0 && b > 0.0) {
-                    return Err("class weights must be positive".into());
+                    return Err(BadFlag("class weights must be positive".into()));
                 }
                 Ok(ClassWeights::Manual(a, b))
             }
@@ -82,7 +89,7 @@ pub enum Schedule {
 }
 
 impl std::str::FromStr for Schedule {
-    type Err = String;
+    type Err = BadFlag;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "constant" | "none" => Ok(Schedule::Constant),
@@ -92,12 +99,16 @@ impl std::str::FromStr for Schedule {
                 let parts: Vec<&str> = other.split(':').collect();
                 match parts.as_slice() {
                     ["step", every, gamma] => Ok(Schedule::Step {
-                        every: every.parse().map_err(|e| format!("step every: {e}"))?,
-                        gamma: gamma.parse().map_err(|e| format!("step gamma: {e}"))?,
+                        every: every
+                            .parse()
+                            .map_err(|e| BadFlag(format!("step every: {e}")))?,
+                        gamma: gamma
+                            .parse()
+                            .map_err(|e| BadFlag(format!("step gamma: {e}")))?,
                     }),
-                    _ => Err(format!(
+                    _ => Err(BadFlag(format!(
                         "schedule {other:?}: expected constant, cosine or step:EVERY:GAMMA"
-                    )),
+                    ))),
                 }
             }
         }
@@ -195,7 +206,7 @@ pub enum TrainError {
     Data(#[from] DataError),
     /// The model or device could not be set up.
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(#[from] NetError),
     /// Export failed (including a failed parity check).
     #[error(transparent)]
     Export(#[from] ExportError),
@@ -236,255 +247,61 @@ pub struct TrainOutcome {
     pub report_dir: PathBuf,
 }
 
-/// Runs a training (or ablation) run end to end.
+/// Runs a training (or ablation) run end to end: data, epochs, then the
+/// ablation verdict or the export of the best epoch.
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     validate(cfg)?;
     let started = Instant::now();
     tch::manual_seed(cfg.seed as i64);
     let device = model::device_from(&cfg.device)?;
-    let spec = ResNetSpec {
-        image_size: cfg.image_size,
-        ..ResNetSpec::with_width(cfg.width)
-    };
-    let mut dataset = data::scan_dataset(&cfg.data)?;
-    if let Some(n) = cfg.ablation {
-        dataset = data::subsample(&dataset, n, cfg.seed);
-    }
-
-    let (train_set, val_set, split_summary) = if cfg.ablation.is_some() {
-        // The ablation trains and measures on the same few images: the
-        // question is only whether the set-up can learn them at all.
-        (dataset.samples.clone(), dataset.samples.clone(), None)
-    } else {
-        let s = data::split(&dataset, cfg.val_fraction, cfg.seed);
-        (s.train, s.val, Some(s.summary))
-    };
-    let n_train_pos = train_set.iter().filter(|s| s.effusion).count();
-    let n_val_pos = val_set.iter().filter(|s| s.effusion).count();
-    let weights = class_weights(
-        cfg.class_weights,
-        n_train_pos,
-        train_set.len() - n_train_pos,
-    );
-    tracing::info!(
-        train = train_set.len(),
-        train_effusion = n_train_pos,
-        val = val_set.len(),
-        val_effusion = n_val_pos,
-        weight_effusion = weights[0],
-        weight_nofinding = weights[1],
-        ?device,
-        "data ready"
-    );
-
-    let limits = Limits::default();
-    let train_loader = Loader::new(
-        train_set.clone(),
-        cfg.image_size,
-        limits,
-        cfg.loader_threads,
-        4,
-    );
-    let val_loader = Loader::new(
-        val_set.clone(),
-        cfg.image_size,
-        limits,
-        cfg.loader_threads,
-        4,
-    );
-
-    let mut vs = nn::VarStore::new(device);
-    let net = ResNet::new(&vs.root(), &spec);
-    let mut best_vs = nn::VarStore::new(device);
-    let _shadow = ResNet::new(&best_vs.root(), &spec);
-    let mut opt = nn::Adam {
-        wd: cfg.weight_decay,
-        ..Default::default()
-    }
-    .build(&vs, cfg.lr)?;
-    let loss_weights =
-        Tensor::from_slice(&[weights[0] as f32, weights[1] as f32]).to_device(device);
-
-    let augment = (cfg.augment && cfg.ablation.is_none()).then(AugmentConfig::default);
-    let epochs = cfg.epochs;
+    let data = Prepared::new(cfg)?;
+    let mut run = Run::new(cfg, device, &data)?;
     let mut records: Vec<EpochRecord> = Vec::new();
-    let mut best: Option<(usize, Evaluation, Vec<f32>)> = None;
+    let mut best: Option<Best> = None;
     let mut best_ablation_acc = 0.0f64;
 
-    for epoch in 0..epochs {
-        let lr = cfg.schedule.lr(cfg.lr, epoch, epochs);
-        opt.set_lr(lr);
-        let t0 = Instant::now();
-        let bar = epoch_bar(cfg.progress, train_loader.len(), epoch, epochs);
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
-        let epoch_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
-        for batch in train_loader.epoch(
-            cfg.batch_size,
-            Some(epoch_seed),
-            augment.map(|a| (a, epoch_seed)),
-        ) {
-            let batch = batch?;
-            let (xs, ys) = tensors(&batch, cfg.image_size, device);
-            let logits = net.forward_t(&xs, true);
-            let loss =
-                logits.cross_entropy_loss(&ys, Some(&loss_weights), Reduction::Mean, -100, 0.0);
-            opt.backward_step(&loss);
-            let n = batch.labels.len();
-            loss_sum += loss.double_value(&[]) * n as f64;
-            correct += logits
-                .argmax(1, false)
-                .eq_tensor(&ys)
-                .sum(Kind::Int64)
-                .int64_value(&[]) as usize;
-            seen += n;
-            bar.inc(n as u64);
-            bar.set_message(format!(
-                "loss {:.4}  {:.1} img/s",
-                loss_sum / seen as f64,
-                seen as f64 / t0.elapsed().as_secs_f64()
-            ));
-        }
-        bar.finish_and_clear();
-        let train_seconds = t0.elapsed().as_secs_f64();
-
-        // Precise BN before every evaluation: see
-        // `ResNet::recompute_batch_norm_stats`. Un-augmented training images,
-        // as the served model sees un-augmented scans.
-        let mut load_error = None;
-        let batches = train_loader
-            .epoch(cfg.batch_size.max(2), Some(epoch_seed ^ 0xb17c), None)
-            .map_while(|b| match b {
-                Ok(b) => Some(tensors(&b, cfg.image_size, device).0),
-                Err(e) => {
-                    load_error = Some(e);
-                    None
-                }
-            });
-        net.recompute_batch_norm_stats(batches)?;
-        if let Some(e) = load_error {
-            return Err(e.into());
-        }
-
-        let (eval, scores, val_loss) = evaluate(&net, &val_loader, &loss_weights, cfg, device)?;
-        let record = EpochRecord {
-            epoch: epoch + 1,
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_accuracy: correct as f64 / seen.max(1) as f64,
-            val_loss,
-            val_auroc: eval.auroc,
-            val_recall: eval.at_default.recall,
-            val_precision: eval.at_default.precision,
-            lr,
-            seconds: t0.elapsed().as_secs_f64(),
-            images_per_second: seen as f64 / train_seconds,
-        };
-        tracing::info!(
-            epoch = record.epoch,
-            train_loss = record.train_loss,
-            val_loss = record.val_loss,
-            val_auroc = record.val_auroc.unwrap_or(f64::NAN),
-            val_recall = record.val_recall,
-            val_precision = record.val_precision,
-            images_per_second = record.images_per_second,
-            "epoch done"
-        );
-        if cfg.progress {
-            eprintln!(
-                "epoch {:>3}/{epochs}  train loss {:.4}  val loss {:.4}  val AUROC {}  recall@0.5 {:.3}  precision@0.5 {:.3}  {:.1} img/s",
-                record.epoch,
-                record.train_loss,
-                record.val_loss,
-                record.val_auroc.map(|a| format!("{a:.4}")).unwrap_or_else(|| "n/a".into()),
-                record.val_recall,
-                record.val_precision,
-                record.images_per_second
-            );
-        }
+    for epoch in 0..cfg.epochs {
+        let (record, eval, scores) = run.epoch(epoch)?;
+        report_epoch(cfg, &record);
         records.push(record);
-
         if cfg.ablation.is_some() {
             // Measured in eval mode on the training images: what would be served.
             best_ablation_acc = best_ablation_acc.max(eval.at_default.accuracy);
             if eval.at_default.accuracy >= 1.0 {
-                best = Some((epoch + 1, eval, scores));
+                best = Some(Best::new(epoch, eval, scores));
                 break;
             }
-            continue;
-        }
-        // Keep the epoch with the best validation AUROC. AUROC moves in
-        // steps of 1/(positives x negatives), so on a small validation set
-        // ties are common; the lower validation loss breaks them, since it
-        // also rewards probabilities on the right side of the threshold.
-        let better = match (&best, eval.auroc) {
-            (None, _) => true,
-            (Some((_, b, _)), Some(a)) => {
-                let b_auroc = b.auroc.unwrap_or(f64::NEG_INFINITY);
-                a > b_auroc
-                    || (a == b_auroc
-                        && eval.loss.unwrap_or(f64::INFINITY) < b.loss.unwrap_or(f64::INFINITY))
-            }
-            (Some(_), None) => false,
-        };
-        if better {
-            best_vs.copy(&vs)?;
-            best = Some((epoch + 1, eval, scores));
+        } else if Best::improves(best.as_ref(), &eval) {
+            run.best_vs.copy(&run.vs)?;
+            best = Some(Best::new(epoch, eval, scores));
         }
     }
-
-    let data_summary = serde_json::json!({
-        "root": cfg.data.display().to_string(),
-        "images": dataset.samples.len(),
-        "effusion": dataset.samples.iter().filter(|s| s.effusion).count(),
-        "train": train_set.len(),
-        "train_effusion": n_train_pos,
-        "val": val_set.len(),
-        "val_effusion": n_val_pos,
-        "split": split_summary,
-        "class_weights": weights,
-        "fingerprint": fingerprint(&val_set),
-    });
-    let config_json = serde_json::to_value(cfg).expect("config serialises");
 
     if let Some(n) = cfg.ablation {
         if best.is_none() {
             return Err(TrainError::AblationFailed {
                 n,
-                epochs,
+                epochs: cfg.epochs,
                 accuracy: best_ablation_acc * 100.0,
                 lr: cfg.lr,
             });
         }
     }
-    let (best_epoch, best_eval, best_scores) =
-        best.ok_or_else(|| TrainError::Config("no epoch ran".into()))?;
-    let positives: Vec<bool> = val_set.iter().map(|s| s.effusion).collect();
-    let mut notes = vec![format!(
-        "Validation rests on {} images ({} effusion); with so few, every metric has a wide uncertainty.",
-        val_set.len(),
-        n_val_pos
-    )];
-    if n_val_pos < 30 {
-        notes.push(format!(
-            "Recall is measured on {n_val_pos} positive images: one image moves it by {:.1} points.",
-            100.0 / n_val_pos.max(1) as f64
-        ));
-    }
-    if cfg.ablation.is_some() {
-        notes.push("Ablation run: trained and measured on the same images; says nothing about generalisation.".into());
-    }
+    let best = best.ok_or_else(|| TrainError::Config("no epoch ran".into()))?;
+    let positives: Vec<bool> = data.val.iter().map(|s| s.effusion).collect();
     let mut rep = Report {
         model_version: None,
-        created_at: pleura::manifest::rfc3339_seconds(std::time::SystemTime::now()),
-        data: data_summary.clone(),
-        config: config_json.clone(),
+        created_at: pleura::time::rfc3339_seconds(std::time::SystemTime::now()),
+        data: data.summary(cfg),
+        config: serde_json::to_value(cfg).expect("config serialises"),
         epochs: records,
-        best_epoch,
-        validation: best_eval.clone(),
-        roc: metrics::roc_curve(&best_scores, &positives),
-        pr: metrics::pr_curve(&best_scores, &positives),
+        best_epoch: best.epoch,
+        validation: best.eval.clone(),
+        roc: metrics::roc_curve(&best.scores, &positives),
+        pr: metrics::pr_curve(&best.scores, &positives),
         training_seconds: started.elapsed().as_secs_f64(),
         device: format!("{device:?}"),
-        notes,
+        notes: data.notes(cfg),
     };
 
     if cfg.ablation.is_some() {
@@ -498,32 +315,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
         });
     }
 
-    // Export the best epoch's weights, parity-checked against tract.
-    vs.copy(&best_vs)?;
-    let threshold = best_eval
-        .chosen
-        .map(|c| c.threshold)
-        .unwrap_or(pleura::manifest::DEFAULT_THRESHOLD);
-    let threshold = threshold.clamp(1e-6, 1.0 - 1e-6);
-    let parity_inputs = first_images(&val_loader, 8, cfg)?;
-    let metrics_json = serde_json::to_value(&best_eval).expect("metrics serialise");
-    let training_json = serde_json::json!({
-        "config": config_json,
-        "data": data_summary,
-        "best_epoch": best_epoch,
-        "training_seconds": rep.training_seconds,
-        "device": rep.device,
-        "code_revision": export::code_revision(),
-    });
-    let req = ExportRequest {
-        spec: &spec,
-        threshold,
-        metrics: metrics_json,
-        training: training_json,
-        parity_inputs: &parity_inputs,
-        version: cfg.version.clone(),
-    };
-    let exported = export::export(&net, &vs, device, &req, &cfg.out)?;
+    let exported = run.export_best(&best, &rep)?;
     rep.model_version = Some(exported.manifest.version.clone());
     rep.training_seconds = started.elapsed().as_secs_f64();
     report::write_report(&exported.dir, &rep).map_err(|e| TrainError::Report(e.to_string()))?;
@@ -535,6 +327,353 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     })
 }
 
+/// The data of a run: the dataset, its split, and the class weights.
+struct Prepared {
+    dataset: data::Dataset,
+    train: Vec<Sample>,
+    val: Vec<Sample>,
+    split: Option<data::SplitSummary>,
+    weights: [f64; 2],
+}
+
+impl Prepared {
+    fn new(cfg: &TrainConfig) -> Result<Prepared, TrainError> {
+        let mut dataset = data::scan_dataset(&cfg.data)?;
+        if let Some(n) = cfg.ablation {
+            dataset = data::subsample(&dataset, n, cfg.seed);
+        }
+        let (train, val, split) = if cfg.ablation.is_some() {
+            // The ablation trains and measures on the same few images: the
+            // question is only whether the set-up can learn them at all.
+            (dataset.samples.clone(), dataset.samples.clone(), None)
+        } else {
+            let s = data::split(&dataset, cfg.val_fraction, cfg.seed);
+            (s.train, s.val, Some(s.summary))
+        };
+        let n_pos = positives(&train);
+        let weights = class_weights(cfg.class_weights, n_pos, train.len() - n_pos);
+        tracing::info!(
+            train = train.len(),
+            train_effusion = n_pos,
+            val = val.len(),
+            val_effusion = positives(&val),
+            weight_effusion = weights[0],
+            weight_nofinding = weights[1],
+            "data ready"
+        );
+        Ok(Prepared {
+            dataset,
+            train,
+            val,
+            split,
+            weights,
+        })
+    }
+
+    /// What the report and the manifest say about the data.
+    fn summary(&self, cfg: &TrainConfig) -> serde_json::Value {
+        serde_json::json!({
+            "root": cfg.data.display().to_string(),
+            "images": self.dataset.samples.len(),
+            "effusion": positives(&self.dataset.samples),
+            "train": self.train.len(),
+            "train_effusion": positives(&self.train),
+            "val": self.val.len(),
+            "val_effusion": positives(&self.val),
+            "split": self.split,
+            "class_weights": self.weights,
+            "fingerprint": fingerprint(&self.val),
+        })
+    }
+
+    /// The caveats a reader of the report must see.
+    fn notes(&self, cfg: &TrainConfig) -> Vec<String> {
+        let n_val_pos = positives(&self.val);
+        let mut notes = vec![format!(
+            "Validation rests on {} images ({} effusion); with so few, every metric has a wide uncertainty.",
+            self.val.len(),
+            n_val_pos
+        )];
+        if n_val_pos < 30 {
+            notes.push(format!(
+                "Recall is measured on {n_val_pos} positive images: one image moves it by {:.1} points.",
+                100.0 / n_val_pos.max(1) as f64
+            ));
+        }
+        if cfg.ablation.is_some() {
+            notes.push("Ablation run: trained and measured on the same images; says nothing about generalisation.".into());
+        }
+        notes
+    }
+}
+
+fn positives(samples: &[Sample]) -> usize {
+    samples.iter().filter(|s| s.effusion).count()
+}
+
+/// The epoch kept so far, with its validation scores.
+struct Best {
+    /// 1-based.
+    epoch: usize,
+    eval: Evaluation,
+    scores: Vec<f32>,
+}
+
+impl Best {
+    fn new(epoch: usize, eval: Evaluation, scores: Vec<f32>) -> Best {
+        Best {
+            epoch: epoch + 1,
+            eval,
+            scores,
+        }
+    }
+
+    /// Whether `eval` beats the best so far. AUROC moves in steps of
+    /// 1/(positives x negatives), so on a small validation set ties are
+    /// common; the lower validation loss breaks them, since it also rewards
+    /// probabilities on the right side of the threshold.
+    fn improves(best: Option<&Best>, eval: &Evaluation) -> bool {
+        match (best, eval.auroc) {
+            (None, _) => true,
+            (Some(b), Some(a)) => {
+                let b_auroc = b.eval.auroc.unwrap_or(f64::NEG_INFINITY);
+                a > b_auroc
+                    || (a == b_auroc
+                        && eval.loss.unwrap_or(f64::INFINITY)
+                            < b.eval.loss.unwrap_or(f64::INFINITY))
+            }
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// The network, its optimiser and loaders while a run trains.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    device: Device,
+    spec: ResNetSpec,
+    vs: nn::VarStore,
+    net: ResNet,
+    /// The best epoch's weights, copied in as training goes.
+    best_vs: nn::VarStore,
+    opt: nn::Optimizer,
+    loss_weights: Tensor,
+    train_loader: Loader,
+    val_loader: Loader,
+    augment: Option<AugmentConfig>,
+}
+
+impl<'a> Run<'a> {
+    fn new(cfg: &'a TrainConfig, device: Device, data: &Prepared) -> Result<Run<'a>, TrainError> {
+        let spec = ResNetSpec {
+            image_size: cfg.image_size,
+            ..ResNetSpec::with_width(cfg.width)
+        };
+        let loader = |samples: &[Sample]| {
+            Loader::new(
+                samples.to_vec(),
+                cfg.image_size,
+                Limits::default(),
+                cfg.loader_threads,
+                LOADER_PREFETCH,
+            )
+        };
+        let vs = nn::VarStore::new(device);
+        let net = ResNet::new(&vs.root(), &spec);
+        let best_vs = nn::VarStore::new(device);
+        let _shadow = ResNet::new(&best_vs.root(), &spec);
+        let opt = nn::Adam {
+            wd: cfg.weight_decay,
+            ..Default::default()
+        }
+        .build(&vs, cfg.lr)?;
+        let w = data.weights;
+        Ok(Run {
+            cfg,
+            device,
+            spec,
+            net,
+            vs,
+            best_vs,
+            opt,
+            loss_weights: Tensor::from_slice(&[w[0] as f32, w[1] as f32]).to_device(device),
+            train_loader: loader(&data.train),
+            val_loader: loader(&data.val),
+            augment: (cfg.augment && cfg.ablation.is_none()).then(AugmentConfig::default),
+        })
+    }
+
+    /// One epoch: train, recompute batch-norm statistics, evaluate.
+    fn epoch(&mut self, epoch: usize) -> Result<(EpochRecord, Evaluation, Vec<f32>), TrainError> {
+        let cfg = self.cfg;
+        let lr = cfg.schedule.lr(cfg.lr, epoch, cfg.epochs);
+        self.opt.set_lr(lr);
+        let t0 = Instant::now();
+        let epoch_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
+        let fit = self.fit(epoch, epoch_seed)?;
+        let train_seconds = t0.elapsed().as_secs_f64();
+        self.precise_batch_norm(epoch_seed)?;
+        let (eval, scores, val_loss) = evaluate(
+            &self.net,
+            &self.val_loader,
+            &self.loss_weights,
+            cfg,
+            self.device,
+        )?;
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            train_loss: fit.loss_sum / fit.seen.max(1) as f64,
+            train_accuracy: fit.correct as f64 / fit.seen.max(1) as f64,
+            val_loss,
+            val_auroc: eval.auroc,
+            val_recall: eval.at_default.recall,
+            val_precision: eval.at_default.precision,
+            lr,
+            seconds: t0.elapsed().as_secs_f64(),
+            images_per_second: fit.seen as f64 / train_seconds,
+        };
+        Ok((record, eval, scores))
+    }
+
+    /// The training pass of one epoch: class-weighted cross-entropy, Adam.
+    fn fit(&mut self, epoch: usize, epoch_seed: u64) -> Result<Fit, TrainError> {
+        let cfg = self.cfg;
+        let t0 = Instant::now();
+        let bar = epoch_bar(cfg.progress, self.train_loader.len(), epoch, cfg.epochs);
+        let mut fit = Fit::default();
+        let augment = self.augment.map(|a| (a, epoch_seed));
+        for batch in self
+            .train_loader
+            .epoch(cfg.batch_size, Some(epoch_seed), augment)
+        {
+            let batch = batch?;
+            let (xs, ys) = tensors(&batch, cfg.image_size, self.device);
+            let logits = self.net.forward_t(&xs, true);
+            let loss = logits.cross_entropy_loss(
+                &ys,
+                Some(&self.loss_weights),
+                Reduction::Mean,
+                -100,
+                0.0,
+            );
+            self.opt.backward_step(&loss);
+            let n = batch.labels.len();
+            fit.loss_sum += loss.double_value(&[]) * n as f64;
+            fit.correct += logits
+                .argmax(1, false)
+                .eq_tensor(&ys)
+                .sum(Kind::Int64)
+                .int64_value(&[]) as usize;
+            fit.seen += n;
+            bar.inc(n as u64);
+            bar.set_message(format!(
+                "loss {:.4}  {:.1} img/s",
+                fit.loss_sum / fit.seen as f64,
+                fit.seen as f64 / t0.elapsed().as_secs_f64()
+            ));
+        }
+        bar.finish_and_clear();
+        Ok(fit)
+    }
+
+    /// Precise BN before every evaluation: see
+    /// `ResNet::recompute_batch_norm_stats`. Un-augmented training images,
+    /// as the served model sees un-augmented scans.
+    fn precise_batch_norm(&mut self, epoch_seed: u64) -> Result<(), TrainError> {
+        let (cfg, device) = (self.cfg, self.device);
+        let mut load_error = None;
+        let batches = self
+            .train_loader
+            .epoch(cfg.batch_size.max(2), Some(epoch_seed ^ 0xb17c), None)
+            .map_while(|b| match b {
+                Ok(b) => Some(tensors(&b, cfg.image_size, device).0),
+                Err(e) => {
+                    load_error = Some(e);
+                    None
+                }
+            });
+        self.net.recompute_batch_norm_stats(batches)?;
+        match load_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Exports the best epoch's weights, parity-checked against tract.
+    fn export_best(&mut self, best: &Best, rep: &Report) -> Result<Exported, TrainError> {
+        let cfg = self.cfg;
+        self.vs.copy(&self.best_vs)?;
+        let threshold = best
+            .eval
+            .chosen
+            .map(|c| c.threshold)
+            .unwrap_or(pleura::model::manifest::DEFAULT_THRESHOLD)
+            .clamp(1e-6, 1.0 - 1e-6);
+        let parity_inputs = first_images(&self.val_loader, 8, cfg)?;
+        let training = serde_json::json!({
+            "config": rep.config,
+            "data": rep.data,
+            "best_epoch": best.epoch,
+            "training_seconds": rep.training_seconds,
+            "device": rep.device,
+            "code_revision": export::code_revision(),
+        });
+        let req = ExportRequest {
+            spec: &self.spec,
+            threshold,
+            metrics: serde_json::to_value(&best.eval).expect("metrics serialise"),
+            training,
+            parity_inputs: &parity_inputs,
+            version: cfg.version.clone(),
+        };
+        Ok(export::export(
+            &self.net,
+            &self.vs,
+            self.device,
+            &req,
+            &cfg.out,
+        )?)
+    }
+}
+
+/// Batches the loaders decode ahead of the training step.
+const LOADER_PREFETCH: usize = 4;
+
+/// Running totals of one training pass.
+#[derive(Default)]
+struct Fit {
+    loss_sum: f64,
+    correct: usize,
+    seen: usize,
+}
+
+/// Logs an epoch, and shows it on the terminal when progress is on.
+fn report_epoch(cfg: &TrainConfig, record: &EpochRecord) {
+    tracing::info!(
+        epoch = record.epoch,
+        train_loss = record.train_loss,
+        val_loss = record.val_loss,
+        val_auroc = record.val_auroc.unwrap_or(f64::NAN),
+        val_recall = record.val_recall,
+        val_precision = record.val_precision,
+        images_per_second = record.images_per_second,
+        "epoch done"
+    );
+    if cfg.progress {
+        eprintln!(
+            "epoch {:>3}/{}  train loss {:.4}  val loss {:.4}  val AUROC {}  recall@0.5 {:.3}  precision@0.5 {:.3}  {:.1} img/s",
+            record.epoch,
+            cfg.epochs,
+            record.train_loss,
+            record.val_loss,
+            record.val_auroc.map(|a| format!("{a:.4}")).unwrap_or_else(|| "n/a".into()),
+            record.val_recall,
+            record.val_precision,
+            record.images_per_second
+        );
+    }
+}
+
 fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     let bad = |m: &str| Err(TrainError::Config(m.to_string()));
     if cfg.epochs == 0 {
@@ -543,7 +682,7 @@ fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     if cfg.batch_size == 0 {
         return bad("--batch-size must be at least 1");
     }
-    if cfg.width < 1 || cfg.image_size < pleura::onnx::MIN_IMAGE_SIZE {
+    if cfg.width < 1 || cfg.image_size < pleura::model::onnx::MIN_IMAGE_SIZE {
         return bad("--width must be >= 1 and --image-size >= 32");
     }
     if !(0.0..=1.0).contains(&cfg.target_recall) {
@@ -595,7 +734,7 @@ fn fingerprint(val: &[Sample]) -> String {
         })
         .collect();
     names.sort();
-    pleura::manifest::sha256_hex(names.join("\n").as_bytes())
+    pleura::model::manifest::sha256_hex(names.join("\n").as_bytes())
 }
 
 fn tensors(batch: &Batch, size: u32, device: Device) -> (Tensor, Tensor) {

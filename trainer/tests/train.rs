@@ -5,7 +5,7 @@ use std::path::Path;
 use pleura_trainer::train::{train, TrainConfig, TrainError};
 
 fn phantoms(dir: &Path, n: usize, prevalence: f64) {
-    pleura::phantom::write_dataset(dir, n, prevalence, 64, 11).expect("phantoms");
+    pleura_phantom::write_dataset(dir, n, prevalence, 64, 11).expect("phantoms");
 }
 
 fn tiny(data: &Path, out: &Path) -> TrainConfig {
@@ -93,9 +93,9 @@ fn a_trained_model_is_exported_with_parity_and_served() {
         assert!(exported.dir.join(f).is_file(), "{f} written");
     }
     // The fleet's engine loads it and classifies a scan with it.
-    let engine = pleura::engine::Engine::load(&exported.dir).expect("the fleet loads the export");
+    let engine = pleura::model::Engine::load(&exported.dir).expect("the fleet loads the export");
     let mut c =
-        pleura::engine::LocalClassifier::new(std::sync::Arc::new(engine), Default::default());
+        pleura::model::LocalClassifier::new(std::sync::Arc::new(engine), Default::default());
     let scan = std::fs::read(
         std::fs::read_dir(data.join("effusion"))
             .unwrap()
@@ -106,6 +106,6 @@ fn a_trained_model_is_exported_with_parity_and_served() {
     )
     .unwrap();
     let v = c.classify(&scan).expect("classifies");
-    assert!((0.0..=1.0).contains(&v.p_effusion));
-    assert_eq!(v.model_version, m.version);
+    assert!((0.0..=1.0).contains(&v.classification.p_effusion));
+    assert_eq!(v.classification.model_version, m.version);
 }

@@ -1,10 +1,9 @@
-//! The worker's heartbeat in Redis (see [`pleura::fleet`]).
+//! The worker's heartbeat in Redis (see [`pleura::fleet::heartbeat`]).
 //!
 //! Written every `heartbeat_interval_secs`, and at once after a model swap or
 //! refusal, so `pleura fleet status` (and the reload tests) see a new version
 //! within moments rather than an interval later. Removed on a clean exit.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +11,9 @@ use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use pleura::wire::{Heartbeat, JobTotals, Names, REGISTRY_SCHEMA_VERSION};
+use pleura::wire::{Heartbeat, Names, REGISTRY_SCHEMA_VERSION};
 
-use crate::Health;
+use crate::health::Health;
 
 fn snapshot(health: &Health, worker: &str, ttl_secs: u64) -> Heartbeat {
     let s = &health.stats;
@@ -24,18 +23,19 @@ fn snapshot(health: &Health, worker: &str, ttl_secs: u64) -> Heartbeat {
         host: gethostname::gethostname().to_string_lossy().into_owned(),
         pid: std::process::id(),
         model_version: health.model_version(),
-        model_source: if health.pinned { "pinned" } else { "registry" }.into(),
+        model_source: if health.pinned() {
+            "pinned"
+        } else {
+            "registry"
+        }
+        .into(),
         ready: health.ready(),
-        in_flight: s.in_flight.load(Ordering::Relaxed),
-        totals: JobTotals {
-            ok: s.ok.load(Ordering::Relaxed),
-            error: s.error.load(Ordering::Relaxed),
-            retried: s.retried.load(Ordering::Relaxed),
-        },
-        reloads: s.reloads.load(Ordering::Relaxed),
-        last_refusal: s.last_refusal.lock().expect("not poisoned").clone(),
-        started_at: health.started_at.clone(),
-        at: crate::now_rfc3339(),
+        in_flight: s.in_flight(),
+        totals: s.totals(),
+        reloads: s.reloads(),
+        last_refusal: s.last_refusal(),
+        started_at: health.started_at().to_string(),
+        at: pleura::time::now_rfc3339(),
         ttl_secs,
     }
 }
@@ -53,7 +53,8 @@ pub(crate) async fn run(
     let ttl_secs = (interval.as_secs() * 3).max(3);
     loop {
         let hb = snapshot(&health, &worker, ttl_secs);
-        if let Err(error) = pleura::fleet::write_heartbeat(&mut redis, &names, &hb).await {
+        if let Err(error) = pleura::fleet::heartbeat::write_heartbeat(&mut redis, &names, &hb).await
+        {
             tracing::warn!(%error, "cannot write the heartbeat");
         }
         tokio::select! {
@@ -62,7 +63,7 @@ pub(crate) async fn run(
             _ = beat.notified() => {}
         }
     }
-    if let Err(error) = pleura::fleet::remove(&mut redis, &names, &worker).await {
+    if let Err(error) = pleura::fleet::heartbeat::remove(&mut redis, &names, &worker).await {
         tracing::warn!(%error, "cannot remove the heartbeat");
     }
 }

@@ -13,7 +13,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::Health;
+use crate::events;
+use crate::health::Health;
 
 #[derive(Clone)]
 struct AppState {
@@ -21,8 +22,33 @@ struct AppState {
     metrics: PrometheusHandle,
 }
 
-/// Serves the endpoints on `listener` until `stop` fires.
-pub async fn serve(
+/// The endpoints, served in the background.
+pub(crate) struct Endpoints {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Endpoints {
+    /// Serves on `listener` until [`Endpoints::stop`].
+    pub(crate) fn spawn(listener: TcpListener, health: Arc<Health>) -> Endpoints {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            health,
+            events::metrics_handle(),
+            stop.clone(),
+        ));
+        Endpoints { stop, task }
+    }
+
+    /// Stops serving (open requests finish first).
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     metrics: PrometheusHandle,

@@ -2,32 +2,30 @@
 //!
 //! Only metadata is read here; the body goes to the inference pool untouched.
 
-use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
+use std::collections::BTreeMap;
 
-use pleura::wire::{self, Priority, HEADER_PRIORITY, HEADER_SUBMITTED_MS};
+use pleura::wire::{self, JobIdError, Priority, HEADER_PRIORITY, HEADER_SUBMITTED_MS};
 
 /// What the worker knows about a job before decoding it.
 #[derive(Debug)]
-pub struct Job {
+pub(crate) struct Job {
     /// The job id, or why the message has no usable one.
-    pub job_id: Result<String, String>,
+    pub(crate) job_id: Result<String, JobIdError>,
     /// STAT or routine, from the priority property or header.
-    pub priority: Priority,
+    pub(crate) priority: Priority,
     /// Correlation headers to echo back.
-    pub correlation: BTreeMap<String, String>,
+    pub(crate) correlation: BTreeMap<String, String>,
     /// Milliseconds between submission and now, when the submitter said when.
-    pub queue_ms: Option<f64>,
+    pub(crate) queue_ms: Option<f64>,
 }
 
 impl Job {
     /// Reads a job from AMQP properties.
-    pub fn from_properties(p: &BasicProperties) -> Job {
+    pub(crate) fn from_properties(p: &BasicProperties) -> Job {
         let job_id = match p.message_id() {
-            None => Err("message has no message_id (the job id)".to_string()),
+            None => Err(JobIdError::Missing),
             Some(id) => wire::validate_job_id(id.as_str()).map(|_| id.as_str().to_string()),
         };
         let headers: Vec<(String, String)> = p
@@ -47,10 +45,7 @@ impl Job {
                 .map(|(_, v)| v.as_str())
         };
         let priority = Priority::from_markers(*p.priority(), header(HEADER_PRIORITY));
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as f64;
+        let now_ms = pleura::time::now_ms() as f64;
         let submitted_ms = header(HEADER_SUBMITTED_MS)
             .and_then(|v| v.parse::<f64>().ok())
             .or_else(|| p.timestamp().map(|s| s as f64 * 1e3));
@@ -108,7 +103,7 @@ mod tests {
             Some(7),
             &[("x-pleura-accession", "A9"), ("x-pleura-submitted-ms", "0")],
         ));
-        assert_eq!(j.job_id.as_deref(), Ok("j-1"));
+        assert_eq!(j.job_id, Ok("j-1".to_string()));
         assert_eq!(j.priority, Priority::Stat);
         assert_eq!(
             j.correlation.get("x-pleura-accession").map(String::as_str),
@@ -121,10 +116,10 @@ mod tests {
     #[test]
     fn header_alone_marks_stat_and_missing_id_is_an_error() {
         let j = Job::from_properties(&props(None, None, &[("x-pleura-priority", "stat")]));
-        assert!(j.job_id.is_err());
+        assert_eq!(j.job_id, Err(JobIdError::Missing));
         assert_eq!(j.priority, Priority::Stat);
         let j = Job::from_properties(&props(Some("bad id"), None, &[]));
-        assert!(j.job_id.is_err());
+        assert_eq!(j.job_id, Err(JobIdError::BadCharacter(' ')));
         assert_eq!(j.priority, Priority::Routine);
         assert_eq!(j.queue_ms, None);
     }

@@ -27,81 +27,40 @@ use lapin::{Channel, Connection, Consumer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use pleura::broker::{self, BrokerError};
-use pleura::engine::{Engine, InferencePool, ModelError, ModelSlot};
-use pleura::registry::{Registry, RegistryError, VerifyError};
-use pleura::signing::Trust;
-use pleura::wire::ReloadFailure;
+use pleura::fleet::announce;
+use pleura::fleet::BrokerError;
+use pleura::model::{Engine, InferencePool, ModelSlot};
+use pleura::registry::{Registry, Trust};
+use pleura::wire::{ModelAnnouncement, ReloadFailure};
 
-use crate::{events, Health};
-
-/// Why a candidate version is not being served.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// Fetching failed for a reason that may pass. Retried next tick.
-    #[error(transparent)]
-    Fetch(RegistryError),
-    /// The files are not trustworthy (hash, signature, manifest).
-    #[error(transparent)]
-    Verify(#[from] VerifyError),
-    /// The model does not load, or fails its canary.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-}
-
-impl ReloadError {
-    /// Stable code for metrics and refusal records.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ReloadError::Fetch(_) => "fetch_failed",
-            ReloadError::Verify(e) => e.code(),
-            ReloadError::Model(e) => e.code(),
-        }
-    }
-}
+use crate::error::ReloadError;
+use crate::events;
+use crate::health::Health;
+use crate::policy::{self, ReloadDisposition};
 
 /// Everything the reload loop needs.
 pub(crate) struct Reloader {
-    pub registry: Registry,
-    pub trust: Trust,
-    pub slot: ModelSlot,
-    /// The pool serving from `slot`, told to let go of a swapped-out model.
-    pub pool: Arc<InferencePool>,
-    pub worker_id: String,
-    pub canary_tolerance: f32,
-    pub health: Arc<Health>,
+    pub(crate) registry: Registry,
+    pub(crate) trust: Trust,
+    /// The pool serving from the health's model slot, told to let go of a
+    /// swapped-out model.
+    pub(crate) pool: Arc<InferencePool>,
+    pub(crate) worker_id: String,
+    pub(crate) canary_tolerance: f32,
+    pub(crate) health: Arc<Health>,
     /// Poked after every swap or refusal so the heartbeat reports it at once.
-    pub beat: Arc<Notify>,
-    refused: HashSet<String>,
+    pub(crate) beat: Arc<Notify>,
+    /// Versions refused for what they are; never fetched again.
+    pub(crate) refused: HashSet<String>,
 }
 
 impl Reloader {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        registry: Registry,
-        trust: Trust,
-        slot: ModelSlot,
-        pool: Arc<InferencePool>,
-        worker_id: String,
-        canary_tolerance: f32,
-        health: Arc<Health>,
-        beat: Arc<Notify>,
-    ) -> Reloader {
-        Reloader {
-            registry,
-            trust,
-            slot,
-            pool,
-            worker_id,
-            canary_tolerance,
-            health,
-            beat,
-            refused: HashSet::new(),
-        }
+    fn slot(&self) -> &ModelSlot {
+        self.health.model()
     }
 
     fn serving(&self) -> Option<String> {
-        self.slot.load().as_ref().map(|e| e.version().to_string())
+        self.slot().load().as_ref().map(|e| e.version().to_string())
     }
 
     /// Serves the active version if it is not served yet and not refused.
@@ -124,11 +83,8 @@ impl Reloader {
         let t0 = Instant::now();
         match self.load(&active).await {
             Ok(engine) => {
-                let old = self.slot.swap(Some(Arc::new(engine)));
-                self.health
-                    .stats
-                    .reloads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let old = self.slot().swap(Some(Arc::new(engine)));
+                self.health.stats.reloaded();
                 events::model_loaded(&active, serving.as_deref(), t0.elapsed());
                 // Free the old model now, not whenever each idle thread next
                 // gets a job: jobs in flight finish on it first.
@@ -138,13 +94,15 @@ impl Reloader {
                 // The heartbeat reports a reload once it is complete.
                 self.beat.notify_one();
             }
-            Err(ReloadError::Fetch(error)) => events::model_fetch_failed(&active, &error),
+            Err(error) if policy::for_reload(&error) == ReloadDisposition::RetryLater => {
+                events::model_fetch_failed(&active, &error)
+            }
             Err(error) => {
                 let failure = ReloadFailure {
                     version: active.clone(),
                     code: error.code().to_string(),
                     message: error.to_string(),
-                    at: crate::now_rfc3339(),
+                    at: pleura::time::now_rfc3339(),
                 };
                 events::model_refused(&active, serving.as_deref(), error.code(), &failure.message);
                 self.refused.insert(active);
@@ -156,7 +114,7 @@ impl Reloader {
                 {
                     tracing::warn!(error = %e, "cannot record the refusal in Redis");
                 }
-                *self.health.stats.last_refusal.lock().expect("not poisoned") = Some(failure);
+                self.health.stats.refused(failure);
                 self.beat.notify_one();
             }
         }
@@ -192,7 +150,8 @@ struct Subscription {
 async fn subscribe(conn: &Connection, reloader: &Reloader) -> Result<Subscription, BrokerError> {
     let channel = conn.create_channel().await?;
     let queue =
-        broker::bind_models_queue(&channel, reloader.registry.names(), &reloader.worker_id).await?;
+        announce::bind_models_queue(&channel, reloader.registry.names(), &reloader.worker_id)
+            .await?;
     let consumer = channel
         .basic_consume(
             queue.as_str().into(),
@@ -232,7 +191,7 @@ pub(crate) async fn run(
             Some(s) => {
                 let names = reloader.registry.names();
                 if let Err(error) =
-                    broker::bind_models_queue(&s.channel, names, &reloader.worker_id).await
+                    announce::bind_models_queue(&s.channel, names, &reloader.worker_id).await
                 {
                     tracing::warn!(%error, "cannot re-bind the announcement queue; resubscribing");
                     announcements = None;
@@ -263,7 +222,7 @@ async fn next_announcement(subscription: &mut Option<Subscription>) -> Option<St
     };
     match s.consumer.next().await {
         Some(Ok(delivery)) => Some(
-            serde_json::from_slice::<pleura::wire::ModelAnnouncement>(&delivery.data)
+            serde_json::from_slice::<ModelAnnouncement>(&delivery.data)
                 .map(|a| a.version)
                 .unwrap_or_else(|_| "<unreadable>".into()),
         ),

@@ -21,7 +21,7 @@ pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand::TryRngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::sha256_hex;
+use crate::model::manifest::sha256_hex;
 
 /// File name of the signature inside a published version.
 pub const SIGNATURE_FILE: &str = "model.sig";

@@ -6,10 +6,19 @@
 //! not acked, for example across a connection recovery) can never produce a
 //! second key or a second stream entry.
 
+use std::time::Duration;
+
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
+use tokio::time::Instant;
+
 use crate::wire::{Names, ScanResult};
+
+/// Results asked for in one `MGET` while waiting.
+const WAIT_CHUNK: usize = 500;
+/// Pause between two polls while waiting for results.
+const WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// Writes the key and the stream entry atomically, only if the key is new.
 /// Returns 1 when written, 0 when the job already had a result.
@@ -67,10 +76,10 @@ impl ResultStore {
     ) -> Result<ResultStore, ResultsError> {
         let client = redis::Client::open(url)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
-            .set_max_delay(std::time::Duration::from_secs(1));
+            .set_max_delay(Duration::from_secs(1));
         let conn = client.get_connection_manager_with_config(cfg).await?;
         Ok(ResultStore {
             conn,
@@ -124,6 +133,48 @@ impl ResultStore {
             .zip(job_ids)
             .map(|(r, id)| r.map(|s| parse(id, &s)).transpose())
             .collect()
+    }
+
+    /// Polls until every job in `ids` has a result or `timeout` passes, and
+    /// returns the results in the order of `ids` (`None` for those that never
+    /// came). `on_result` is called with each newly found result, for progress.
+    /// A Redis blip (a restart, a failover) is waited out until the deadline:
+    /// the connection manager reconnects underneath.
+    pub async fn wait_all(
+        &self,
+        ids: &[String],
+        timeout: Duration,
+        mut on_result: impl FnMut(&ScanResult),
+    ) -> Result<Vec<Option<ScanResult>>, ResultsError> {
+        let deadline = Instant::now() + timeout;
+        let mut results: Vec<Option<ScanResult>> = vec![None; ids.len()];
+        loop {
+            let pending: Vec<usize> = (0..ids.len()).filter(|&i| results[i].is_none()).collect();
+            if pending.is_empty() || Instant::now() >= deadline {
+                return Ok(results);
+            }
+            // MGET in chunks keeps each round trip small for big submissions.
+            for chunk in pending.chunks(WAIT_CHUNK) {
+                let keys: Vec<String> = chunk.iter().map(|&i| ids[i].clone()).collect();
+                match self.get_many(&keys).await {
+                    Ok(got) => {
+                        for (&i, r) in chunk.iter().zip(got) {
+                            if let Some(r) = &r {
+                                on_result(r);
+                            }
+                            results[i] = r;
+                        }
+                    }
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::warn!(error = %e, "reading results failed; retrying")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if results.iter().any(Option::is_none) {
+                tokio::time::sleep(WAIT_POLL).await;
+            }
+        }
     }
 
     /// Round trip to Redis, for readiness and for waiting out an outage.

@@ -8,22 +8,16 @@
 //! shows it as gone instead of silently forgetting it, until it is pruned
 //! an hour later.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
+use crate::time::now_ms;
 use crate::wire::{Heartbeat, Names};
 
 /// How long a worker that stopped heartbeating stays listed as gone.
 pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
 
 /// Writes a heartbeat with its TTL and touches the index, atomically.
 pub async fn write_heartbeat(

@@ -625,7 +625,7 @@ fn assign_findings(n: usize, effusions: usize, seed: u64) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preprocess::{load_scan, Limits};
+    use pleura::scan::{load_scan, Limits};
     use std::time::Instant;
 
     fn opts(size: u32, seed: u64) -> PhantomOptions {

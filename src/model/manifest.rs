@@ -15,7 +15,7 @@
 //! pair, the new pair, or (mid-update) a new ONNX with the old manifest,
 //! which the hash check refuses.
 //!
-//! [`init_model`] lives here (not in [`crate::onnx`]) because it assembles a
+//! [`init_model`] lives here (not in [`super::onnx`]) because it assembles a
 //! whole model directory: deterministic weights plus a manifest with a fixed
 //! timestamp, so `pleura models init` with the same seed gives byte-identical
 //! files.
@@ -24,13 +24,14 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
-use crate::onnx::{self, OnnxError, ResNetSpec};
+use super::onnx::{self, OnnxError, ResNetSpec};
+use crate::time;
 
 /// File name of the manifest inside a model directory.
 pub const MANIFEST_FILE: &str = "model.json";
@@ -143,11 +144,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// `t` as RFC 3339 in whole seconds, UTC: the format of [`Manifest::created_at`].
-pub fn rfc3339_seconds(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 fn valid_version(v: &str) -> bool {
     (1..=MAX_VERSION_LEN).contains(&v.len())
         && v.bytes()
@@ -183,7 +179,7 @@ impl Manifest {
                 self.sha256
             ));
         }
-        if humantime::parse_rfc3339(&self.created_at).is_err() {
+        if !time::is_rfc3339(&self.created_at) {
             return bad(format!(
                 "created_at {:?} is not RFC 3339 (UTC, Z)",
                 self.created_at
@@ -440,7 +436,7 @@ pub fn init_model(spec: &ResNetSpec, seed: u64) -> Result<ModelFiles, OnnxError>
         schema: SCHEMA_VERSION,
         version: format!("init-{}", &sha256[..12]),
         sha256,
-        created_at: rfc3339_seconds(UNIX_EPOCH),
+        created_at: time::rfc3339_seconds(UNIX_EPOCH),
         input: InputSpec {
             size: spec.image_size,
             channels,
@@ -468,13 +464,6 @@ pub fn init_model(spec: &ResNetSpec, seed: u64) -> Result<ModelFiles, OnnxError>
 mod tests {
     use super::*;
 
-    fn tiny() -> ResNetSpec {
-        ResNetSpec {
-            image_size: 32,
-            ..ResNetSpec::with_width(4)
-        }
-    }
-
     fn entries(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir)
             .unwrap()
@@ -497,9 +486,9 @@ mod tests {
 
     #[test]
     fn init_model_is_deterministic_and_well_formed() {
-        let a = init_model(&tiny(), 3).unwrap();
-        let b = init_model(&tiny(), 3).unwrap();
-        let c = init_model(&tiny(), 4).unwrap();
+        let a = init_model(&ResNetSpec::tiny(), 3).unwrap();
+        let b = init_model(&ResNetSpec::tiny(), 3).unwrap();
+        let c = init_model(&ResNetSpec::tiny(), 4).unwrap();
         assert_eq!(a, b);
         assert_ne!(a.onnx, c.onnx);
         let m = &a.manifest;
@@ -532,15 +521,15 @@ mod tests {
         for spec in [
             ResNetSpec {
                 num_classes: 3,
-                ..tiny()
+                ..ResNetSpec::tiny()
             },
             ResNetSpec {
                 in_channels: 3,
-                ..tiny()
+                ..ResNetSpec::tiny()
             },
             ResNetSpec {
                 image_size: 16,
-                ..tiny()
+                ..ResNetSpec::tiny()
             },
         ] {
             assert!(
@@ -552,7 +541,7 @@ mod tests {
 
     #[test]
     fn round_trip_through_a_directory() {
-        let mut files = init_model(&tiny(), 0).unwrap();
+        let mut files = init_model(&ResNetSpec::tiny(), 0).unwrap();
         files.manifest.metrics = Some(serde_json::json!({"auc": 0.91}));
         files.manifest.golden = vec![GoldenCase {
             name: "phantom-0".into(),
@@ -564,7 +553,7 @@ mod tests {
         files.write_dir(&dir).unwrap();
         assert_eq!(ModelFiles::read_dir(&dir).unwrap(), files);
         // Optional fields are omitted when empty, and come back as empty.
-        let bare = init_model(&tiny(), 0).unwrap();
+        let bare = init_model(&ResNetSpec::tiny(), 0).unwrap();
         bare.write_dir(&dir).unwrap();
         let json = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
         assert!(
@@ -576,7 +565,7 @@ mod tests {
 
     #[test]
     fn read_dir_refuses_a_tampered_onnx() {
-        let files = init_model(&tiny(), 0).unwrap();
+        let files = init_model(&ResNetSpec::tiny(), 0).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         files.write_dir(tmp.path()).unwrap();
         let path = tmp.path().join(ONNX_FILE);
@@ -601,7 +590,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected() {
-        let files = init_model(&tiny(), 0).unwrap();
+        let files = init_model(&ResNetSpec::tiny(), 0).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let good = serde_json::to_value(&files.manifest).unwrap();
 
@@ -629,7 +618,7 @@ mod tests {
 
     #[test]
     fn invalid_manifests_are_refused() {
-        let files = init_model(&tiny(), 0).unwrap();
+        let files = init_model(&ResNetSpec::tiny(), 0).unwrap();
         type Mutation = fn(&mut Manifest);
         let cases: [(&str, Mutation); 15] = [
             ("threshold 0", |m| m.threshold = 0.0),
@@ -680,10 +669,10 @@ mod tests {
     #[test]
     fn write_dir_leaves_no_temp_files_and_replaces_atomically() {
         let tmp = tempfile::tempdir().unwrap();
-        let first = init_model(&tiny(), 0).unwrap();
+        let first = init_model(&ResNetSpec::tiny(), 0).unwrap();
         first.write_dir(tmp.path()).unwrap();
         assert_eq!(entries(tmp.path()), [MANIFEST_FILE, ONNX_FILE]);
-        let second = init_model(&tiny(), 1).unwrap();
+        let second = init_model(&ResNetSpec::tiny(), 1).unwrap();
         second.write_dir(tmp.path()).unwrap();
         assert_eq!(entries(tmp.path()), [MANIFEST_FILE, ONNX_FILE]);
         assert_eq!(ModelFiles::read_dir(tmp.path()).unwrap(), second);

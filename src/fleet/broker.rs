@@ -16,8 +16,6 @@
 //! priorities from RabbitMQ 4.0, and Debian ships 3.10. Workers drain the STAT
 //! queue first instead.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -25,7 +23,16 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use crate::time;
 use crate::wire::{Names, Priority, HEADER_PRIORITY, HEADER_SUBMITTED_MS};
+
+/// Deliveries of one scan before the broker dead-letters it (the quorum
+/// queues' `x-delivery-limit`). This is what stops a scan that keeps
+/// failing, or keeps killing its worker, from circling forever. Every
+/// declarer of the topology must pass the same value, since RabbitMQ refuses
+/// to redeclare a queue with other arguments; `delivery_limit` in the
+/// settings defaults to this.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
 
 /// Errors talking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -165,83 +172,6 @@ fn scan_queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
     args
 }
 
-/// Declares `{ns}.models`, the fanout exchange of model announcements.
-pub async fn declare_models_exchange(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
-    channel
-        .exchange_declare(
-            names.models_exchange().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(())
-}
-
-/// Binds a worker's own announcement queue: exclusive and auto-delete, so it
-/// vanishes with the worker's connection and never collects messages for a
-/// worker that is gone. Returns the queue name.
-pub async fn bind_models_queue(
-    channel: &Channel,
-    names: &Names,
-    worker_id: &str,
-) -> Result<String, BrokerError> {
-    declare_models_exchange(channel, names).await?;
-    let queue = names.models_queue(worker_id);
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            names.models_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(queue)
-}
-
-/// Tells every worker a new version is active. Best effort by design:
-/// workers also reconcile against Redis on a timer, so an announcement that
-/// never arrives only delays the switch.
-pub async fn announce_model(
-    conn: &Connection,
-    names: &Names,
-    announcement: &crate::wire::ModelAnnouncement,
-) -> Result<(), BrokerError> {
-    let channel = conn.create_channel().await?;
-    declare_models_exchange(&channel, names).await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let body = serde_json::to_vec(announcement).expect("an announcement serialises");
-    channel
-        .basic_publish(
-            names.models_exchange().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            &body,
-            BasicProperties::default().with_content_type("application/json".into()),
-        )
-        .await?
-        .await?;
-    let _ = channel.close(200, "announced".into()).await;
-    Ok(())
-}
-
 /// Deletes every queue and exchange of a namespace. For tests and for
 /// decommissioning a fleet; never called by the worker.
 pub async fn delete_topology(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
@@ -330,9 +260,7 @@ impl Publisher {
 /// AMQP properties of a scan message: persistent, with job id, priority
 /// markers and submission time.
 pub fn scan_properties(s: &Submission<'_>) -> BasicProperties {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now_ms = time::now_ms();
     let mut headers = FieldTable::default();
     headers.insert(
         HEADER_PRIORITY.into(),
@@ -340,7 +268,7 @@ pub fn scan_properties(s: &Submission<'_>) -> BasicProperties {
     );
     headers.insert(
         HEADER_SUBMITTED_MS.into(),
-        AMQPValue::LongLongInt(now_ms.as_millis() as i64),
+        AMQPValue::LongLongInt(now_ms as i64),
     );
     for (k, v) in s.correlation {
         headers.insert(
@@ -352,6 +280,6 @@ pub fn scan_properties(s: &Submission<'_>) -> BasicProperties {
         .with_message_id(s.job_id.into())
         .with_delivery_mode(2)
         .with_priority(s.priority.amqp_priority())
-        .with_timestamp(now_ms.as_secs())
+        .with_timestamp(now_ms / 1000)
         .with_headers(headers)
 }

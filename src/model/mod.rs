@@ -1,0 +1,31 @@
+//! Models: what a model is, and running it.
+//!
+//! A model is a directory of two files: `model.onnx`, written by this crate's
+//! own graph writer from a [`ResNetSpec`], and `model.json`, its
+//! [`Manifest`]. The fleet runs it with tract: an [`Engine`] is loaded,
+//! optimised and warmed once, then shared; the [`InferencePool`] runs it on
+//! OS threads with one tract state each, off the async executor.
+//!
+//! # Layout
+//!
+//! - `onnx`: [`ResNetSpec`], tch-compatible parameter names, [`write_onnx`],
+//!   deterministic [`init_weights`].
+//! - `manifest`: [`Manifest`] (`model.json`), [`ModelFiles`] (read with the
+//!   sha256 check, written atomically), [`init_model`], [`golden_input`].
+//! - `engine`: [`Graph`] (the optimised plan) and [`Engine`] (plan +
+//!   manifest, warm-up, canary); [`EngineError`].
+//! - `analyse`: the scan path for one scan ([`Verdict`], [`AnalyseError`]),
+//!   and [`LocalClassifier`], the in-process mode behind `pleura classify`.
+//! - `pool`: [`InferencePool`] and the [`ModelSlot`] it serves from.
+
+mod analyse;
+mod engine;
+pub mod manifest;
+pub mod onnx;
+mod pool;
+
+pub use analyse::{AnalyseError, LocalClassifier, Verdict};
+pub use engine::{Engine, EngineError, Graph};
+pub use manifest::{golden_input, init_model, Manifest, ManifestError, ModelFiles};
+pub use onnx::{init_weights, write_onnx, OnnxError, ResNetSpec, Weights};
+pub use pool::{empty_slot, InferencePool, ModelSlot};

@@ -1,0 +1,41 @@
+//! The scan path, end to end: bytes in, model input out.
+
+use super::dicom::decode_dicom;
+use super::error::LimitKind;
+use super::error::ScanError;
+use super::format::{detect_format, ImageFormat};
+use super::gray::GrayImage;
+use super::limits::Limits;
+use super::raster::{decode_jpeg, decode_png};
+use super::resize::preprocess;
+
+/// Decodes a PNG, JPEG or DICOM scan into a display-polarity gray image.
+///
+/// The byte limit is checked first, then the pixel limit against the header's dimensions,
+/// both before the pixel data is decoded. See [`GrayImage`] for the value scale.
+pub fn decode(bytes: &[u8], limits: &Limits) -> Result<GrayImage, ScanError> {
+    if bytes.is_empty() {
+        return Err(ScanError::Empty);
+    }
+    if bytes.len() > limits.max_bytes {
+        return Err(ScanError::TooLarge {
+            limit: LimitKind::Bytes,
+            actual: Some(bytes.len() as u64),
+            max: limits.max_bytes as u64,
+        });
+    }
+    match detect_format(bytes).ok_or(ScanError::UnsupportedFormat)? {
+        ImageFormat::Png => decode_png(bytes, limits),
+        ImageFormat::Jpeg => decode_jpeg(bytes, limits),
+        ImageFormat::Dicom => decode_dicom(bytes, limits),
+    }
+}
+
+/// Decodes and preprocesses one scan: the single entry point for training and serving.
+pub fn load_scan(bytes: &[u8], limits: &Limits, size: u32) -> Result<Vec<f32>, ScanError> {
+    if size == 0 {
+        // Fail before the (possibly expensive) decode on a caller bug.
+        return Err(ScanError::InvalidSize(size));
+    }
+    preprocess(&decode(bytes, limits)?, size)
+}
