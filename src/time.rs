@@ -25,6 +25,11 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// Now, as RFC 3339 UTC in whole seconds (`2026-11-25T21:00:00Z`).
+pub fn now_rfc3339_seconds() -> String {
+    rfc3339_seconds(SystemTime::now())
+}
+
 /// `t` as RFC 3339 UTC in whole seconds (`2026-11-25T21:00:00Z`).
 pub fn rfc3339_seconds(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()

@@ -7,7 +7,6 @@
 //! entry, or the active key and its history entry, can never disagree.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
@@ -92,7 +91,7 @@ pub fn who() -> String {
 }
 
 fn now() -> String {
-    time::rfc3339_seconds(SystemTime::now())
+    time::now_rfc3339_seconds()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> Result<T, RegistryError> {

@@ -278,6 +278,11 @@ async fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
     );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("draining jobs in flight"), "{text}");
+    // A log written to a file carries no colour codes for grep to trip on.
+    assert!(
+        !text.contains('\x1b'),
+        "ANSI escape sequences in a log file: {text}"
+    );
 }
 
 /// A private Redis on its own port, so stopping it disturbs no other test.

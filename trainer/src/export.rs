@@ -21,7 +21,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::SystemTime;
 
 use pleura::model::manifest::{self, GoldenCase, InputSpec, Manifest, ManifestError, ModelFiles};
 use pleura::model::onnx::{self, OnnxError, ResNetSpec, Weights};
@@ -329,7 +328,7 @@ fn export_with(
     tamper(&mut weights);
     let onnx = onnx::write_onnx(spec, &weights)?;
     let sha256 = manifest::sha256_hex(&onnx);
-    let created_at = pleura::time::rfc3339_seconds(SystemTime::now());
+    let created_at = pleura::time::now_rfc3339_seconds();
     let version = match &req.version {
         Some(v) => v.clone(),
         None => generated_version(&created_at, &sha256),

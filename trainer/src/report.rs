@@ -119,7 +119,7 @@ pub enum ReportError {
 
 /// The current time as RFC 3339 UTC with seconds, for [`Report::created_at`].
 pub fn timestamp_now() -> String {
-    pleura::time::rfc3339_seconds(std::time::SystemTime::now())
+    pleura::time::now_rfc3339_seconds()
 }
 
 /// Caveats about how far the validation numbers can be trusted, for

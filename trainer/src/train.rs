@@ -291,7 +291,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     let positives: Vec<bool> = data.val.iter().map(|s| s.effusion).collect();
     let mut rep = Report {
         model_version: None,
-        created_at: pleura::time::rfc3339_seconds(std::time::SystemTime::now()),
+        created_at: pleura::time::now_rfc3339_seconds(),
         data: data.summary(cfg),
         config: serde_json::to_value(cfg).expect("config serialises"),
         epochs: records,
