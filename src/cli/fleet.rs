@@ -17,11 +17,17 @@ pub enum FleetCommand {
         /// JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+        /// Exit 1 when no worker is ready (for probes and `helm test`).
+        #[arg(long)]
+        require_ready: bool,
     },
 }
 
 pub(super) async fn run(settings: &Settings, cmd: FleetCommand) -> Result<ExitCode, CliError> {
-    let FleetCommand::Status { json } = cmd;
+    let FleetCommand::Status {
+        json,
+        require_ready,
+    } = cmd;
     let client = redis::Client::open(settings.redis_url.as_str()).map_err(failed)?;
     let mut redis = redis::aio::ConnectionManager::new(client)
         .await
@@ -42,7 +48,7 @@ pub(super) async fn run(settings: &Settings, cmd: FleetCommand) -> Result<ExitCo
                 serde_json::to_string(w).expect("status serialises")
             );
         }
-        return Ok(ExitCode::SUCCESS);
+        return readiness(&workers, require_ready);
     }
     let _ = writeln!(out, "active model: {}", active.as_deref().unwrap_or("none"));
     let ww = workers
@@ -93,6 +99,21 @@ pub(super) async fn run(settings: &Settings, cmd: FleetCommand) -> Result<ExitCo
     }
     if workers.is_empty() {
         let _ = writeln!(out, "(no workers have reported)");
+    }
+    readiness(&workers, require_ready)
+}
+
+/// With `--require-ready`, fails unless some worker takes jobs.
+fn readiness(workers: &[WorkerStatus], require_ready: bool) -> Result<ExitCode, CliError> {
+    let ready = workers
+        .iter()
+        .filter(|w| w.heartbeat.as_ref().is_some_and(|h| h.ready))
+        .count();
+    if require_ready && ready == 0 {
+        return Err(CliError::Failed(format!(
+            "no worker is ready ({} reported)",
+            workers.len()
+        )));
     }
     Ok(ExitCode::SUCCESS)
 }

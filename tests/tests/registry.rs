@@ -603,8 +603,15 @@ async fn the_cli_lists_shows_verifies_and_reports_the_fleet() {
     let (code, history, _) = run(s(&["models", "history"])).await;
     assert_eq!(code, Some(0));
     assert!(history.contains(&good));
+    // What `helm test` runs: fine while workers are ready...
+    let (code, _, err) = run(s(&["fleet", "status", "--json", "--require-ready"])).await;
+    assert_eq!(code, Some(0), "{err}");
 
     stop_all(workers).await;
     // A worker that stopped cleanly removes its heartbeat.
     assert!(fleet.workers().await.is_empty());
+    // ...and a failure once none is.
+    let (code, _, err) = run(s(&["fleet", "status", "--json", "--require-ready"])).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no worker is ready"), "{err}");
 }

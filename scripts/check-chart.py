@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Checks the Helm chart and the Dockerfiles for real, as `make test` runs them.
+
+- `helm lint --strict` and `helm template` of every `helm/pleura/ci/*-values.yaml`,
+  under Helm 3 and Helm 4 (both from PyPI wheels, see scripts/tools.sh);
+- `kubernetes-validate --strict` of every rendered built-in object, for the
+  oldest and the newest Kubernetes the chart's kubeVersion claims;
+- KEDA and Prometheus-operator objects against their models (cloudcoil),
+  with unknown fields caught by a round trip;
+- assertions on the rendered objects that would catch a broken chart;
+- values that cannot work fail with a message that says what to do;
+- `hadolint` on every Dockerfile, failing at warning level.
+
+Usage: check-chart.py HELM3 HELM4. Prints one line per check and a closing
+"N passed, M failed"; exits 1 on any failure.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "pleura"
+CI = sorted((CHART / "ci").glob("*-values.yaml"))
+BIN = pathlib.Path(sys.executable).parent
+KUBE_VERSIONS = ["1.26.0", "1.37.0"]  # the chart claims >=1.26; the newest schemas we have
+API_VERSIONS = ["keda.sh/v1alpha1/ScaledObject", "monitoring.coreos.com/v1"]
+CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
+
+results = []
+
+
+def check(name):
+    def wrap(fn):
+        def run(*args):
+            label = name.format(*args)
+            try:
+                fn(*args)
+                results.append((label, None))
+                print(f"ok    {label}", flush=True)
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                results.append((label, e))
+                print(f"FAIL  {label}: {e}", flush=True)
+                if not isinstance(e, AssertionError):
+                    traceback.print_exc()
+
+        return run
+
+    return wrap
+
+
+def sh(*cmd, ok=True):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if ok and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def render(helm, values, *extra, kube="1.37.0"):
+    args = [helm, "template", "rel", CHART, "--namespace", "imaging", "--kube-version", kube]
+    for api in API_VERSIONS:
+        args += ["--api-versions", api]
+    if values:
+        args += ["-f", values]
+    p = sh(*args, *extra)
+    return [d for d in yaml.safe_load_all(p.stdout) if d]
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d.get("kind") == kind]
+
+
+def one(docs, kind):
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def env_of(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# --- lint and validation -----------------------------------------------------
+
+
+@check("helm {0} lint --strict {1}")
+def lint(tag, helm, values):
+    sh(helm, "lint", "--strict", CHART, "-f", values, "--set", "skipApiChecks=true")
+
+
+@check("helm {0} template {1}: strict schemas for Kubernetes {2} and {3}")
+def validate(tag, helm, values, oldest, newest):
+    for kube in (oldest, newest):
+        docs = render(helm, values, kube=kube)
+        builtin = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump_all(builtin, f)
+        p = sh(BIN / "kubernetes-validate", "--strict", "-k", kube, f.name, ok=False)
+        pathlib.Path(f.name).unlink()
+        assert p.returncode == 0, f"kubernetes {kube}:\n{p.stdout}{p.stderr}"
+        assert "passed" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def strip_nulls(v):
+    if isinstance(v, dict):
+        return {k: strip_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [strip_nulls(x) for x in v]
+    return v
+
+
+@check("custom resources of {0} match their KEDA and Prometheus-operator models")
+def custom_resources(values):
+    from cloudcoil.models.keda import v1alpha1 as keda
+    from cloudcoil.models.prometheus_operator import v1 as prom
+
+    models = {
+        "ScaledObject": keda.ScaledObject,
+        "TriggerAuthentication": keda.TriggerAuthentication,
+        "ServiceMonitor": prom.ServiceMonitor,
+        "PrometheusRule": prom.PrometheusRule,
+    }
+    seen = 0
+    for doc in render(HELM[0][1], values):
+        model = models.get(doc["kind"])
+        if not model:
+            continue
+        seen += 1
+        parsed = model.model_validate(doc)
+        back = strip_nulls(parsed.model_dump(by_alias=True, exclude_unset=True))
+        assert back == doc, f"{doc['kind']} has fields its model does not know:\n{doc}\nvs\n{back}"
+        if doc["kind"] == "ScaledObject":
+            for t in doc["spec"]["triggers"]:
+                # A trigger's metadata is a free map: its keys are ours to check.
+                assert set(t["metadata"]) <= {"protocol", "mode", "queueName", "value", "activationValue", "vhostName"}, t
+    assert seen, "no custom resource rendered"
+
+
+# --- assertions on what is rendered -------------------------------------------
+
+
+def worker_pod(docs):
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def config(docs):
+    cms = [d for d in by_kind(docs, "ConfigMap") if "PLEURA_NAMESPACE" in d.get("data", {})]
+    assert len(cms) == 1
+    return cms[0]["data"]
+
+
+@check("every pod of {0} runs as non-root, read-only, with no capabilities and no token")
+def hardened(values):
+    docs = render(HELM[0][1], values)
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
+    pods += [d["spec"] for d in by_kind(docs, "Pod")]
+    assert pods
+    for pod in pods:
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0, sc
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault", sc
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            csc = c["securityContext"]
+            assert csc["readOnlyRootFilesystem"] is True, c["name"]
+            assert csc["allowPrivilegeEscalation"] is False, c["name"]
+            assert csc["capabilities"]["drop"] == ["ALL"], c["name"]
+
+
+@check("{0}: the pod's grace outlasts the worker's drain, and settings roll the pods")
+def grace(values):
+    docs = render(HELM[0][1], values)
+    pod = worker_pod(docs)
+    drain = int(config(docs)["PLEURA_SHUTDOWN_GRACE_SECS"])
+    assert pod["terminationGracePeriodSeconds"] > drain, (pod["terminationGracePeriodSeconds"], drain)
+    ann = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert len(ann["checksum/config"]) == 64
+    # ...and another setting gives another checksum.
+    other = render(HELM[0][1], values, "--set", "pleura.logLevel=debug")
+    assert one(other, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != ann["checksum/config"]
+
+
+@check("{0}: credentials come from Secrets, never from the ConfigMap")
+def secrets(values):
+    docs = render(HELM[0][1], values)
+    data = config(docs)
+    for k, v in data.items():
+        assert "://" not in v or v.startswith(("file://", "s3://", "http://", "https://")), (k, v)
+        assert "@" not in v, (k, v)
+    env = env_of(worker_pod(docs)["containers"][0])
+    for name in ("PLEURA_AMQP_URL", "PLEURA_REDIS_URL"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    assert "value" not in env["PLEURA_AMQP_URL"]
+
+
+@check("KEDA: one http QueueLength trigger per scan queue of the namespace, no replicas")
+def keda():
+    docs = render(HELM[0][1], CHART / "ci" / "keda-values.yaml")
+    ns = config(docs)["PLEURA_NAMESPACE"]
+    assert "replicas" not in one(docs, "Deployment")["spec"], "KEDA owns replicas"
+    so = one(docs, "ScaledObject")
+    queues = sorted(t["metadata"]["queueName"] for t in so["spec"]["triggers"])
+    assert queues == sorted([f"{ns}.scans.stat", f"{ns}.scans.routine"]), queues
+    auth = one(docs, "TriggerAuthentication")
+    for t in so["spec"]["triggers"]:
+        assert t["type"] == "rabbitmq"
+        assert t["metadata"]["protocol"] == "http", "amqp would not count unacked scans"
+        assert t["metadata"]["mode"] == "QueueLength"
+        assert t["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert so["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+    assert so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert auth["spec"]["secretTargetRef"][0]["parameter"] == "host"
+    # Without KEDA, replicas are back.
+    plain = render(HELM[0][1], CHART / "ci" / "minimal-values.yaml")
+    assert one(plain, "Deployment")["spec"]["replicas"] == 2
+    assert not by_kind(plain, "ScaledObject")
+
+
+@check("inference threads follow the CPU: explicit, the limit, else the request")
+def threads():
+    cases = {
+        "minimal-values.yaml": ([], "2"),
+        "hpa-values.yaml": ([], "3"),
+        "keda-values.yaml": (["--set", "worker.resources.limits.cpu=null"], "1"),
+    }
+    for f, (extra, want) in cases.items():
+        got = config(render(HELM[0][1], CHART / "ci" / f, *extra))["PLEURA_INFERENCE_THREADS"]
+        assert got == want, (f, got, want)
+    got = config(render(HELM[0][1], CHART / "ci" / "minimal-values.yaml", "--set", "worker.resources.limits.cpu=4500m"))
+    assert got["PLEURA_INFERENCE_THREADS"] == "4", got
+
+
+@check("HPA on CPU; s3 registry with credentials from a Secret; image by digest")
+def hpa_s3_digest():
+    hpa = render(HELM[0][1], CHART / "ci" / "hpa-values.yaml")
+    h = one(hpa, "HorizontalPodAutoscaler")
+    assert h["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in one(hpa, "Deployment")["spec"]
+    s3 = render(HELM[0][1], CHART / "ci" / "s3-values.yaml")
+    data = config(s3)
+    assert data["PLEURA_REGISTRY_URL"] == "s3://hospital-models/pleura"
+    assert data["AWS_REGION"] == "eu-west-1"
+    pod = worker_pod(s3)
+    env = env_of(pod["containers"][0])
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "pleura-s3"
+    assert not by_kind(s3, "PersistentVolumeClaim"), "no registry volume with s3"
+    assert "@sha256:" in pod["containers"][0]["image"]
+
+
+@check("trainer job: GPU limit, taint tolerated, exit 2 fails the Job, memory-backed /dev/shm")
+def trainer():
+    docs = render(HELM[0][1], CHART / "ci" / "trainer-gpu-values.yaml")
+    job = one(docs, "Job")
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"].endswith("-cuda"), c["image"]
+    assert "--publish" in c["args"] and "--device" in c["args"] and "cuda" in c["args"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    rule = spec["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
+    for k in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        assert k in spec, k
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    env = env_of(c)
+    assert env["PLEURA_SIGNING_KEY_FILE"]["value"].startswith("/etc/pleura/signing/")
+    cpu = render(HELM[0][1], CHART / "ci" / "trainer-gpu-values.yaml", "--set", "trainer.job.gpu=0")
+    cc = one(cpu, "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert cc["image"].endswith("-cpu") and "nvidia.com/gpu" not in cc["resources"].get("limits", {})
+
+
+@check("network policy: metrics from monitoring only; egress to DNS, AMQP, management, Redis")
+def network():
+    docs = render(HELM[0][1], CHART / "ci" / "networkpolicy-values.yaml")
+    np = one(docs, "NetworkPolicy")
+    ingress = np["spec"]["ingress"]
+    assert len(ingress) == 1 and ingress[0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert {} not in np["spec"]["egress"], "egress is not open"
+    ports = {p["port"] for rule in np["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {53, 5672, 15672, 6379} <= ports, ports
+    assert 443 not in ports, "no registry egress for a file registry"
+    open_ = render(HELM[0][1], CHART / "ci" / "networkpolicy-values.yaml", "--set", "networkPolicy.allowExternalEgress=true")
+    assert {} in one(open_, "NetworkPolicy")["spec"]["egress"]
+
+
+@check("helm test hook runs `pleura fleet status --json --require-ready`; NOTES say how to check")
+def test_hook():
+    docs = render(HELM[0][1], CHART / "ci" / "minimal-values.yaml")
+    pods = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    assert len(pods) == 1
+    assert pods[0]["spec"]["containers"][0]["command"] == ["pleura", "fleet", "status", "--json", "--require-ready"]
+    # Helm 4 renders NOTES offline; Helm 3 wants a cluster even for --dry-run=client.
+    notes = sh(dict(HELM)["v4"], "install", "rel", CHART, "--dry-run=client", "-f", CHART / "ci" / "minimal-values.yaml").stdout
+    assert "pleura fleet status" in notes and "helm test rel" in notes, notes[-2000:]
+
+
+@check("{0}: values that cannot work fail with a message that says what to do")
+def bad_values(tag):
+    helm = dict(HELM)[tag]
+    minimal = CHART / "ci" / "minimal-values.yaml"
+    cases = [
+        (["--set", "worker.replicaCount=-1"], "replicaCount"),
+        (["--set", "worker.replicaKount=3"], "replicaKount"),
+        (["--set", "pleura.logFormat=xml"], "logFormat"),
+        (["--set", "autoscaling.keda.enabled=true"], "kubectl create secret generic pleura-rabbitmq-management"),
+        (["--set", "autoscaling.keda.enabled=true,autoscaling.keda.managementSecret=m"], None),
+        (["--set", "pleura.amqp.existingSecret="], "pleura.amqp.existingSecret is required"),
+        (["--set", "registry.trustedKeys.files=null"], "trusted keys"),
+        (["--set", "trainer.job.enabled=true"], "trainer.job.dataset.existingClaim"),
+    ]
+    for extra, needle in cases:
+        args = [helm, "template", "rel", CHART, "-f", minimal, *extra]
+        p = sh(*args, ok=False)
+        if needle is None:
+            # KEDA requested without its API in the cluster.
+            assert p.returncode != 0 and "install KEDA" in p.stderr, p.stderr
+            continue
+        assert p.returncode != 0, f"{extra} rendered"
+        assert needle in p.stderr, f"{extra}: {p.stderr}"
+
+
+@check("hadolint --failure-threshold warning {0}")
+def hadolint(dockerfile):
+    sh(BIN / "hadolint", "--failure-threshold", "warning", dockerfile)
+
+
+@check("yamllint of the chart's values, its CI values and the compose stack")
+def yamllint():
+    config = "{extends: default, rules: {line-length: {max: 200}, document-start: disable, comments: {min-spaces-from-content: 1}}}"
+    sh(BIN / "yamllint", "-d", config, CHART / "values.yaml", *CI, CHART / "Chart.yaml", ROOT / "docker" / "compose.yaml")
+
+
+@check("values.schema.json forbids unknown keys at every level; every value is documented, in values.yaml and the README")
+def schema_is_strict():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node, path):
+        if node.get("type") == "object" and "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path} allows unknown keys"
+            for k, v in node["properties"].items():
+                walk(v, f"{path}.{k}")
+
+    walk(schema, "values")
+    text = (CHART / "values.yaml").read_text()
+    params = {line.split()[2] for line in text.splitlines() if line.strip().startswith("## @param")}
+    values = yaml.safe_load(text)
+
+    def leaves(v, prefix=""):
+        for k, x in v.items():
+            p = f"{prefix}{k}"
+            if isinstance(x, dict) and x and not any(p == q for q in params):
+                yield from leaves(x, p + ".")
+            else:
+                yield p
+
+    missing = [p for p in leaves(values) if p not in params]
+    assert not missing, f"undocumented values: {missing}"
+    readme = (CHART / "README.md").read_text()
+    absent = [p for p in params if f"| `{p}` |" not in readme]
+    assert not absent, f"values missing from the chart README's table: {absent}"
+
+
+HELM = []
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    HELM.extend([("v3", sys.argv[1]), ("v4", sys.argv[2])])
+    for tag, helm in HELM:
+        version = sh(helm, "version", "--short").stdout.strip()
+        assert version.startswith(tag), (tag, version)
+        for values in CI:
+            lint(tag, helm, values)
+            validate(tag, helm, values, *KUBE_VERSIONS)
+        bad_values(tag)
+    custom_resources(CHART / "ci" / "keda-values.yaml")
+    for values in CI:
+        hardened(values)
+        grace(values)
+        secrets(values)
+    keda()
+    threads()
+    hpa_s3_digest()
+    trainer()
+    network()
+    test_hook()
+    for dockerfile in sorted((ROOT / "docker").glob("*.Dockerfile")):
+        hadolint(dockerfile)
+    yamllint()
+    schema_is_strict()
+    failed = [r for r in results if r[1] is not None]
+    print(f"chart: {len(results) - len(failed)} passed, {len(failed)} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
