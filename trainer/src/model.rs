@@ -781,16 +781,24 @@ mod tests {
         // elsewhere the backend may be absent, which must not fail a run.
         let loaded = load_cuda_backend();
         if std::env::var_os("EXPECT_LIBTORCH_CUDA").is_some() {
-            assert!(loaded, "libtorch_cuda.so and its CUDA libraries should load here");
+            assert!(
+                loaded,
+                "libtorch_cuda.so and its CUDA libraries should load here"
+            );
         } else if !loaded {
-            eprintln!("SKIP: libtorch_cuda.so not loadable here (make cuda-libs installs its libraries)");
+            eprintln!(
+                "SKIP: libtorch_cuda.so not loadable here (make cuda-libs installs its libraries)"
+            );
         }
         let device = device_from("auto").unwrap();
         if tch::Cuda::is_available() {
             assert_eq!(device, Device::Cuda(0));
         } else {
             assert_eq!(device, Device::Cpu, "no GPU: auto takes the CPU");
-            assert!(matches!(device_from("cuda"), Err(NetError::CudaUnavailable)));
+            assert!(matches!(
+                device_from("cuda"),
+                Err(NetError::CudaUnavailable)
+            ));
         }
     }
 }
