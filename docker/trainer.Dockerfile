@@ -40,7 +40,8 @@ ENV LIBTORCH=/opt/pleura/torch-site/torch
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p pleura-trainer --bins \
-    && install -D -m 0755 -t /out target/release/pleura-trainer
+    && mkdir -p /out \
+    && objcopy --strip-debug target/release/pleura-trainer /out/pleura-trainer
 
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG VERSION=0.1.0

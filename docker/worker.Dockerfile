@@ -24,7 +24,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p pleura -p pleura-worker --bins \
-    && install -D -m 0755 -t /out target/release/pleura target/release/pleura-worker
+    && mkdir -p /out \
+    && for b in pleura pleura-worker; do objcopy --strip-debug target/release/$b /out/$b; done
 
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG VERSION=0.1.0

@@ -33,19 +33,26 @@ eval "$(scripts/dockerd.sh start)" || { echo "FAIL  the Docker engine could not 
 scripts/dockerd.sh base-image
 
 work=$(mktemp -d)
+# Build contexts live at fixed paths in the cache: BuildKit keys its copy of
+# a context by path, so a fixed path sends only what changed (the CUDA
+# context is 4 GB) and keeps one copy instead of one per run.
+contexts=$CACHE/image-contexts
 container=""
 cleanup() {
   [ -n "$container" ] && docker rm -f "$container" >/dev/null 2>&1 || true
   rm -rf "$work"
-  # Keep the cache lean: only the images just built stay.
+  # Keep the cache bounded: no dangling images, no stale build cache.
   docker image prune -f >/dev/null 2>&1 || true
+  docker builder prune -f --keep-storage 6GB >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
-# stage NAME FILE...: a build context with stripped copies of the binaries.
+# stage NAME FILE...: the build context NAME, with stripped copies of the
+# binaries in bin/ (and nothing else yet).
 stage() {
-  local dir=$work/$1
+  local dir=$contexts/$1
   shift
+  rm -rf "$dir"
   mkdir -p "$dir/bin"
   for f in "$@"; do
     objcopy --strip-debug "$BIN_DIR/$f" "$dir/bin/$f"
@@ -170,6 +177,8 @@ if [ -z "$missing" ] && [ "$resolved" -gt 10 ]; then
 else
   fail "libtorch_cuda.so in the CUDA image lacks: $missing"
 fi
+# 4 GB is not worth keeping between runs; its context is.
+docker rmi "$TAG/trainer:cuda" >/dev/null 2>&1 || true
 
 echo "images: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -172,29 +172,6 @@ fn scan_queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
     args
 }
 
-/// Deletes every queue and exchange of a namespace. For tests and for
-/// decommissioning a fleet; never called by the worker.
-pub async fn delete_topology(channel: &Channel, names: &Names) -> Result<(), BrokerError> {
-    for q in [
-        names.stat_queue(),
-        names.routine_queue(),
-        names.dead_queue(),
-    ] {
-        channel.queue_delete(q.into(), Default::default()).await?;
-    }
-    for x in [
-        names.scans_exchange(),
-        names.routine_exchange(),
-        names.dead_letter_exchange(),
-        names.models_exchange(),
-    ] {
-        channel
-            .exchange_delete(x.into(), Default::default())
-            .await?;
-    }
-    Ok(())
-}
-
 /// One scan to submit.
 #[derive(Debug, Clone)]
 pub struct Submission<'a> {

@@ -11,11 +11,14 @@
 //! - `results`: [`ResultStore`], write-once results in Redis.
 //! - `heartbeat`: worker heartbeats, written by workers and read back for
 //!   `pleura fleet status`.
+//! - `teardown`: deleting a namespace's topology and keys (tests,
+//!   decommissioning).
 
 pub mod announce;
 pub mod broker;
 pub mod heartbeat;
 pub mod results;
+pub mod teardown;
 
 pub use announce::{AnnounceError, Announcer};
 pub use broker::{BrokerError, Publisher, Submission, DEFAULT_DELIVERY_LIMIT};

@@ -481,25 +481,8 @@ impl Fleet {
 
     fn cleanup(names: Names) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            if let Ok(conn) = broker::connect(&amqp_url(), "pleura-tests-cleanup").await {
-                if let Ok(ch) = conn.create_channel().await {
-                    let _ = broker::delete_topology(&ch, &names).await;
-                }
-                let _ = conn.close(200, "".into()).await;
-            }
-            if let Ok(client) = redis::Client::open(redis_url()) {
-                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg(format!("{}:*", names.namespace()))
-                        .query_async(&mut c)
-                        .await
-                        .unwrap_or_default();
-                    if !keys.is_empty() {
-                        let _: Result<(), _> =
-                            redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-                    }
-                }
-            }
+            let _ =
+                pleura::fleet::teardown::delete_namespace(&amqp_url(), &redis_url(), &names).await;
         })
     }
 }

@@ -2,13 +2,17 @@
 //! RabbitMQ and Redis: ok, poison, no job id, a Redis outage, the end of
 //! the grace period.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
+use pleura::fleet::ResultStore;
 use pleura::wire::Priority;
+use tokio::sync::watch;
 
 use super::{scan, OwnRedis, Rig};
+use crate::delivery::Handler;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -84,31 +88,53 @@ async fn a_message_without_a_job_id_is_only_dead_lettered() {
     assert_eq!(handler.health.stats.totals().error, 1);
 }
 
-#[tokio::test]
-async fn a_redis_outage_holds_the_job_until_the_write_lands() {
-    let rig = Rig::new("outage").await;
+/// A job whose result write is failing: its scan taken, its Redis (a private
+/// one) killed, and its handler holding it. Returns once the failed write
+/// has told intake to pause.
+struct HeldJob {
+    redis: OwnRedis,
+    store: ResultStore,
+    handler: Arc<Handler>,
+    redis_ok: watch::Receiver<bool>,
+    job: tokio::task::JoinHandle<()>,
+}
+
+async fn held_job(rig: &Rig, job_id: &str) -> HeldJob {
     let mut redis = OwnRedis::start();
-    let store = pleura::fleet::ResultStore::connect(&redis.url(), rig.names.clone(), 600, 100)
+    let store = ResultStore::connect(&redis.url(), rig.names.clone(), 600, 100)
         .await
         .unwrap();
     let (handler, mut redis_ok) = rig.handler(store.clone());
-    rig.submit("held-1", &scan(3), Priority::Routine).await;
+    rig.submit(job_id, &scan(3), Priority::Routine).await;
     let delivery = rig.take(&rig.names.routine_queue()).await;
     redis.kill();
     let job = tokio::spawn({
         let handler = handler.clone();
         async move { handler.handle(delivery).await }
     });
-    // The write fails: intake is told to pause, the job is held.
     tokio::time::timeout(WAIT, redis_ok.wait_for(|ok| !ok))
         .await
         .expect("the failed write is reported")
         .unwrap();
-    assert_eq!(handler.health.stats.in_flight(), 1);
-    redis.restart();
-    tokio::time::timeout(WAIT, job).await.unwrap().unwrap();
-    assert!(*redis_ok.borrow(), "intake may take jobs again");
-    let r = store
+    assert_eq!(handler.health.stats.in_flight(), 1, "the job is held");
+    HeldJob {
+        redis,
+        store,
+        handler,
+        redis_ok,
+        job,
+    }
+}
+
+#[tokio::test]
+async fn a_redis_outage_holds_the_job_until_the_write_lands() {
+    let rig = Rig::new("outage").await;
+    let mut held = held_job(&rig, "held-1").await;
+    held.redis.restart();
+    tokio::time::timeout(WAIT, held.job).await.unwrap().unwrap();
+    assert!(*held.redis_ok.borrow(), "intake may take jobs again");
+    let r = held
+        .store
         .get("held-1")
         .await
         .unwrap()
@@ -121,22 +147,8 @@ async fn a_redis_outage_holds_the_job_until_the_write_lands() {
 #[tokio::test]
 async fn a_job_still_held_when_the_grace_period_ends_goes_back_to_the_queue() {
     let rig = Rig::new("grace").await;
-    let mut redis = OwnRedis::start();
-    let store = pleura::fleet::ResultStore::connect(&redis.url(), rig.names.clone(), 600, 100)
-        .await
-        .unwrap();
-    let (handler, mut redis_ok) = rig.handler(store.clone());
-    rig.submit("requeued-1", &scan(4), Priority::Routine).await;
-    let delivery = rig.take(&rig.names.routine_queue()).await;
-    redis.kill();
-    let job = tokio::spawn({
-        let handler = handler.clone();
-        async move { handler.handle(delivery).await }
-    });
-    tokio::time::timeout(WAIT, redis_ok.wait_for(|ok| !ok))
-        .await
-        .unwrap()
-        .unwrap();
+    let held = held_job(&rig, "requeued-1").await;
+    let (handler, job) = (held.handler, held.job);
     handler.hard_stop.cancel();
     tokio::time::timeout(WAIT, job).await.unwrap().unwrap();
     // Handed back at once, not on channel close.

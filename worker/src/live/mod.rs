@@ -195,27 +195,9 @@ impl Drop for Rig {
                 return;
             };
             rt.block_on(async {
-                let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                    if let Ok(conn) = broker::connect(&amqp_url(), "pleura-worker-tests").await {
-                        if let Ok(ch) = conn.create_channel().await {
-                            let _ = broker::delete_topology(&ch, &names).await;
-                        }
-                    }
-                    if let Ok(client) = redis::Client::open(redis_url()) {
-                        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                            let keys: Vec<String> = redis::cmd("KEYS")
-                                .arg(format!("{}:*", names.namespace()))
-                                .query_async(&mut c)
-                                .await
-                                .unwrap_or_default();
-                            if !keys.is_empty() {
-                                let _: Result<(), _> =
-                                    redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-                            }
-                        }
-                    }
-                })
-                .await;
+                let (amqp, redis) = (amqp_url(), redis_url());
+                let teardown = pleura::fleet::teardown::delete_namespace(&amqp, &redis, &names);
+                let _ = tokio::time::timeout(Duration::from_secs(10), teardown).await;
             });
         })
         .join();
