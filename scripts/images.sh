@@ -29,6 +29,10 @@ failed=0
 pass() { passed=$((passed + 1)); echo "ok    $*"; }
 fail() { failed=$((failed + 1)); echo "FAIL  $*"; }
 
+# An engine this script starts, it stops again; one already running stays.
+started_engine=1
+eval "$(scripts/dockerd.sh env)"
+docker version >/dev/null 2>&1 && started_engine=0 || true
 eval "$(scripts/dockerd.sh start)" || { echo "FAIL  the Docker engine could not start (see above)"; echo "images: 0 passed, 1 failed"; exit 1; }
 scripts/dockerd.sh base-image
 
@@ -44,6 +48,7 @@ cleanup() {
   # Keep the cache bounded: no dangling images, no stale build cache.
   docker image prune -f >/dev/null 2>&1 || true
   docker builder prune -f --keep-storage 6GB >/dev/null 2>&1 || true
+  [ "$started_engine" = 1 ] && scripts/dockerd.sh stop || true
 }
 trap cleanup EXIT
 
