@@ -7,7 +7,7 @@ VENV := $(PLEURA_CACHE)/venv
 PYTHON := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build test check demo services venv libtorch cuda-libs tools chart-check images-check fmt clippy bench
+.PHONY: all build test check demo services venv libtorch onnxruntime cuda-libs tools chart-check images-check fmt clippy bench
 
 all: build
 
@@ -44,6 +44,20 @@ $(TORCH_DIR)/lib/libtorch_cpu.so:
 libtorch: $(TORCH_DIR)/lib/libtorch_cpu.so
 	@ln -sfn $(TORCH_DIR) .libtorch
 
+# ONNX Runtime for `engine = "onnxruntime"`: the shared library from the
+# PyPI wheel (35 MB), loaded at run time; nothing is downloaded at build time.
+ORT_VERSION := 1.32.0
+ORT_DIR := $(PLEURA_CACHE)/onnxruntime-$(ORT_VERSION)
+ORT_LIB := $(ORT_DIR)/libonnxruntime.so
+$(ORT_LIB):
+	rm -rf $(ORT_DIR).tmp && mkdir -p $(ORT_DIR).tmp
+	python3 -m pip download -q --disable-pip-version-check --no-deps \
+	  onnxruntime==$(ORT_VERSION) -d $(ORT_DIR).tmp
+	cd $(ORT_DIR).tmp && unzip -q -o -j *.whl 'onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION)'
+	mkdir -p $(ORT_DIR) && mv $(ORT_DIR).tmp/libonnxruntime.so.$(ORT_VERSION) $@ && rm -rf $(ORT_DIR).tmp
+
+onnxruntime: $(ORT_LIB)
+
 # For GPU machines and the CUDA trainer image: the CUDA libraries that
 # libtorch_cuda.so needs, at the versions torch 2.13.0 pins (about 2.7 GB),
 # beside torch in the same site-packages, where its RPATH looks for them.
@@ -73,8 +87,9 @@ images-check: services build tools cuda-libs
 build: libtorch
 	$(CARGO) build --workspace --bins
 
-test: services venv libtorch build chart-check images-check
-	PLEURA_PYTHON=$(PYTHON) EXPECT_LIBTORCH_CUDA=1 $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+test: services venv libtorch onnxruntime build chart-check images-check
+	PLEURA_PYTHON=$(PYTHON) PLEURA_ONNXRUNTIME_LIBRARY=$(ORT_LIB) EXPECT_LIBTORCH_CUDA=1 \
+	  $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 # The inner loop: formatting, clippy with warnings as errors, and the unit
 # tests that need no RabbitMQ or Redis (the worker's `live` tests and the
@@ -82,6 +97,7 @@ test: services venv libtorch build chart-check images-check
 check: libtorch
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) check -p pleura-worker --no-default-features
 	$(CARGO) test --workspace --lib --bins -- --skip live::
 
 bench:

@@ -88,6 +88,15 @@ pub struct Settings {
     /// Promotion gate: lowest validation recall at the model's own threshold.
     #[serde(default = "default_gate_min_recall")]
     pub gate_min_recall: f64,
+    /// Inference engine: `tract` (the default) or `onnxruntime` (needs
+    /// `libonnxruntime.so`, see `onnxruntime_library`; the engine for int8
+    /// models).
+    #[serde(default)]
+    pub engine: crate::model::EngineKind,
+    /// Path of `libonnxruntime.so` for the onnxruntime engine. Unset:
+    /// `ORT_DYLIB_PATH`, else the dynamic loader's search path.
+    #[serde(default)]
+    pub onnxruntime_library: Option<PathBuf>,
     /// Inference threads, each with its own model state; 0 means one per core.
     #[serde(default)]
     pub inference_threads: usize,
@@ -294,6 +303,14 @@ impl Settings {
         }
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         format!("{host}-{}", std::process::id())
+    }
+
+    /// Which engine runs models, and where ONNX Runtime lives.
+    pub fn engine_options(&self) -> crate::model::EngineOptions {
+        crate::model::EngineOptions {
+            kind: self.engine,
+            onnxruntime_library: self.onnxruntime_library.clone(),
+        }
     }
 
     /// Size limits for decoding.

@@ -14,6 +14,7 @@
 //! - `models`: `models init | keygen | publish | list | show | activate |
 //!   history | verify`.
 //! - `fleet`: `fleet status`.
+//! - `bench`: `bench engine`.
 //! - `output`: the table and JSON rows, progress bars, exit codes.
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use crate::config::Settings;
 use crate::fleet::{Announcer, ResultStore};
 use crate::registry::Registry;
 
+mod bench;
 mod fleet;
 mod models;
 mod output;
@@ -75,6 +77,9 @@ pub enum Command {
     /// The fleet: workers, their models and health.
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
+    /// Measure this machine: engine-only throughput, per-operation profile.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the CLI; the binary only wires this to `main`.
@@ -91,6 +96,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         }),
         Command::Models(cmd) => models::run(&settings, cmd).await,
         Command::Fleet(cmd) => fleet::run(&settings, cmd).await,
+        Command::Bench(cmd) => tokio::task::block_in_place(|| bench::run(&settings, cmd)),
     };
     match outcome {
         Ok(code) => code,

@@ -153,7 +153,8 @@ pub(super) fn classify(
             "no scans found (.png .jpg .jpeg .dcm)".into(),
         ));
     }
-    let engine = Engine::load(&dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
+    let engine = Engine::load_with(&dir, &settings.engine_options())
+        .map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
     let mut classifier = LocalClassifier::new(Arc::new(engine), settings.limits());
     let bar = progress(files.len(), "classified");
     let mut rows = Vec::with_capacity(files.len());

@@ -1,16 +1,68 @@
-//! The tract inference engine.
+//! The inference engine: tract by default, ONNX Runtime as an option.
 //!
 //! A model is loaded, given a concrete input shape, optimised, made runnable
 //! and warmed exactly once ([`Engine::load`]); an unoptimised tract plan is
 //! several times slower, so nothing else builds plans. The engine is shared
-//! behind an `Arc`; each inference thread owns its own tract state.
+//! behind an `Arc`; each inference thread owns its own state (a tract state,
+//! or an ONNX Runtime session). Whatever the engine, every output goes
+//! through the same check, and every model through the same warm-up and
+//! canary.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 
 use super::manifest::{golden_input, Manifest, ManifestError, ModelFiles};
+
+/// Which engine runs the models (`engine` in the settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// tract, in-process and pure Rust: the default.
+    #[default]
+    Tract,
+    /// ONNX Runtime, loaded from `libonnxruntime.so` (cargo feature
+    /// `onnxruntime`); the engine for int8 models.
+    Onnxruntime,
+}
+
+impl EngineKind {
+    /// The name in settings and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Tract => "tract",
+            EngineKind::Onnxruntime => "onnxruntime",
+        }
+    }
+}
+
+/// An engine name that is neither `tract` nor `onnxruntime`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown engine {0:?} (expected tract or onnxruntime)")]
+pub struct UnknownEngine(pub String);
+
+impl std::str::FromStr for EngineKind {
+    type Err = UnknownEngine;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tract" => Ok(EngineKind::Tract),
+            "onnxruntime" => Ok(EngineKind::Onnxruntime),
+            other => Err(UnknownEngine(other.to_string())),
+        }
+    }
+}
+
+/// How models are run: the engine, and where ONNX Runtime lives.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineOptions {
+    /// The engine.
+    pub kind: EngineKind,
+    /// `libonnxruntime.so` to load; `None`: `ORT_DYLIB_PATH`, else the
+    /// dynamic loader's search path.
+    pub onnxruntime_library: Option<PathBuf>,
+}
 
 /// Why a model could not be loaded, optimised or run, or failed its checks.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +73,9 @@ pub enum EngineError {
     /// tract could not load, optimise or run the graph.
     #[error("tract: {0}")]
     Tract(String),
+    /// The chosen engine is not available, or could not load or run the graph.
+    #[error("{0}")]
+    Backend(String),
     /// The model ran but its output is not a probability pair.
     #[error("model output invalid: {0}")]
     BadOutput(String),
@@ -35,7 +90,7 @@ impl EngineError {
         match self {
             EngineError::Manifest(ManifestError::HashMismatch { .. }) => "hash_mismatch",
             EngineError::Manifest(_) => "bad_manifest",
-            EngineError::Tract(_) => "load",
+            EngineError::Tract(_) | EngineError::Backend(_) => "load",
             EngineError::BadOutput(_) => "bad_output",
             EngineError::Canary(_) => "canary",
         }
@@ -53,8 +108,8 @@ impl From<TractError> for EngineError {
     }
 }
 
-type Plan = TypedSimplePlan;
-pub(super) type State = TypedSimpleState;
+pub(super) type Plan = TypedSimplePlan;
+type TractState = TypedSimpleState;
 
 /// An optimised, runnable `[1, 1, S, S]` graph, without a manifest.
 ///
@@ -80,13 +135,23 @@ impl Graph {
     }
 
     /// A fresh tract state; each thread keeps its own.
-    fn new_state(&self) -> Result<State, EngineError> {
+    fn new_state(&self) -> Result<TractState, EngineError> {
         Ok(self.plan.spawn()?)
+    }
+
+    /// The optimised plan, for profiling.
+    pub(super) fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    /// Side of the square input.
+    pub(super) fn input_size(&self) -> usize {
+        self.size
     }
 
     /// Runs one preprocessed image (`size * size` values) on `state` and
     /// returns the output row, checked to be a probability pair.
-    fn run(&self, state: &mut State, input: &[f32]) -> Result<[f32; 2], EngineError> {
+    fn run(&self, state: &mut TractState, input: &[f32]) -> Result<[f32; 2], EngineError> {
         let tensor = Tensor::from_shape(&[1, 1, self.size, self.size], input)?;
         let outputs = state.run(tvec![tensor.into_tvalue()])?;
         let view = outputs[0].to_plain_array_view::<f32>()?;
@@ -96,17 +161,7 @@ impl Graph {
                 view.shape()
             )));
         }
-        let (p, q) = (view[[0, 0]], view[[0, 1]]);
-        if !p.is_finite()
-            || !q.is_finite()
-            || !(0.0..=1.0).contains(&p)
-            || (p + q - 1.0).abs() > 1e-3
-        {
-            return Err(EngineError::BadOutput(format!(
-                "not a probability pair: [{p}, {q}]"
-            )));
-        }
-        Ok([p, q])
+        check_pair(view[[0, 0]], view[[0, 1]])
     }
 
     /// Both class probabilities for one preprocessed image, on a fresh state:
@@ -117,41 +172,116 @@ impl Graph {
     }
 }
 
+/// Checks that an output row is a probability pair: finite, in [0, 1],
+/// summing to 1. Every engine's output goes through it.
+pub(super) fn check_pair(p: f32, q: f32) -> Result<[f32; 2], EngineError> {
+    if !p.is_finite() || !q.is_finite() || !(0.0..=1.0).contains(&p) || (p + q - 1.0).abs() > 1e-3 {
+        return Err(EngineError::BadOutput(format!(
+            "not a probability pair: [{p}, {q}]"
+        )));
+    }
+    Ok([p, q])
+}
+
+/// What runs a model.
+enum Backend {
+    Tract(Graph),
+    #[cfg(feature = "onnxruntime")]
+    Ort(super::onnxruntime::OrtModel),
+}
+
+/// One inference thread's own state of an engine.
+pub(super) enum State {
+    Tract(TractState),
+    #[cfg(feature = "onnxruntime")]
+    Ort(ort::session::Session),
+}
+
 /// A loaded, optimised and warmed model with its manifest.
 pub struct Engine {
     manifest: Manifest,
-    graph: Graph,
+    backend: Backend,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("version", &self.manifest.version)
+            .field("engine", &self.kind().as_str())
             .finish()
     }
 }
 
 impl Engine {
-    /// Loads `model.onnx` and `model.json` from `dir`. A model whose sha256
-    /// does not match its manifest is refused.
+    /// Loads `model.onnx` and `model.json` from `dir` into tract. A model
+    /// whose sha256 does not match its manifest is refused.
     pub fn load(dir: &Path) -> Result<Engine, EngineError> {
-        let files = ModelFiles::read_dir(dir)?;
-        Engine::from_files(files)
+        Engine::load_with(dir, &EngineOptions::default())
     }
 
-    /// Builds an engine from verified model files.
+    /// Like [`Engine::load`], on the engine `options` choose.
+    pub fn load_with(dir: &Path, options: &EngineOptions) -> Result<Engine, EngineError> {
+        let files = ModelFiles::read_dir(dir)?;
+        Engine::from_files_with(files, options)
+    }
+
+    /// Builds a tract engine from verified model files.
     pub fn from_files(files: ModelFiles) -> Result<Engine, EngineError> {
-        let graph = Graph::from_onnx(&files.onnx, files.manifest.input.size)?;
+        Engine::from_files_with(files, &EngineOptions::default())
+    }
+
+    /// Builds an engine from verified model files, loaded, optimised and
+    /// warmed.
+    pub fn from_files_with(
+        files: ModelFiles,
+        options: &EngineOptions,
+    ) -> Result<Engine, EngineError> {
+        let size = files.manifest.input.size;
+        let backend = match options.kind {
+            EngineKind::Tract => Backend::Tract(Graph::from_onnx(&files.onnx, size)?),
+            #[cfg(feature = "onnxruntime")]
+            EngineKind::Onnxruntime => {
+                let (model, _first) = super::onnxruntime::OrtModel::new(
+                    &files.onnx,
+                    size,
+                    options.onnxruntime_library.as_ref(),
+                )?;
+                Backend::Ort(model)
+            }
+            #[cfg(not(feature = "onnxruntime"))]
+            EngineKind::Onnxruntime => {
+                return Err(EngineError::Backend(
+                    "engine \"onnxruntime\" is not in this build (cargo feature onnxruntime)"
+                        .into(),
+                ))
+            }
+        };
         let engine = Engine {
             manifest: files.manifest,
-            graph,
+            backend,
         };
         // Warm-up: the first run allocates scratch buffers and pages in the
         // weights; doing it here keeps that cost off the first patient's scan
         // and proves the graph runs before anyone reports ready.
         let side = engine.input_size() as usize;
-        engine.graph.probabilities(&vec![0.5f32; side * side])?;
+        engine.probabilities(&vec![0.5f32; side * side])?;
         Ok(engine)
+    }
+
+    /// The engine running this model.
+    pub fn kind(&self) -> EngineKind {
+        match self.backend {
+            Backend::Tract(_) => EngineKind::Tract,
+            #[cfg(feature = "onnxruntime")]
+            Backend::Ort(_) => EngineKind::Onnxruntime,
+        }
+    }
+
+    /// Both class probabilities for one preprocessed image, on a fresh
+    /// state: for checks and canaries, not for the hot path.
+    pub fn probabilities(&self, input: &[f32]) -> Result<[f32; 2], EngineError> {
+        let mut state = self.new_state()?;
+        self.run_pair(&mut state, input)
     }
 
     /// Proves the loaded graph computes what its trainer computed: every
@@ -161,12 +291,10 @@ impl Engine {
     pub fn canary(&self, tolerance: f32) -> Result<(), EngineError> {
         let size = self.input_size();
         for seed in CANARY_SEEDS {
-            self.graph.probabilities(&golden_input(seed, size))?;
+            self.probabilities(&golden_input(seed, size))?;
         }
         for case in &self.manifest.golden {
-            let got = self
-                .graph
-                .probabilities(&golden_input(case.input_seed, size))?;
+            let got = self.probabilities(&golden_input(case.input_seed, size))?;
             let close = case.expected.len() == got.len()
                 && case
                     .expected
@@ -198,17 +326,38 @@ impl Engine {
         self.manifest.input.size
     }
 
-    /// The runnable graph.
-    pub fn graph(&self) -> &Graph {
-        &self.graph
+    /// The tract plan, when tract runs this model (for profiling).
+    pub fn tract_graph(&self) -> Option<&Graph> {
+        match &self.backend {
+            Backend::Tract(g) => Some(g),
+            #[cfg(feature = "onnxruntime")]
+            Backend::Ort(_) => None,
+        }
     }
 
+    /// A fresh state for one inference thread.
     pub(super) fn new_state(&self) -> Result<State, EngineError> {
-        self.graph.new_state()
+        Ok(match &self.backend {
+            Backend::Tract(g) => State::Tract(g.new_state()?),
+            #[cfg(feature = "onnxruntime")]
+            Backend::Ort(m) => State::Ort(m.session()?),
+        })
+    }
+
+    fn run_pair(&self, state: &mut State, input: &[f32]) -> Result<[f32; 2], EngineError> {
+        match (&self.backend, state) {
+            (Backend::Tract(g), State::Tract(s)) => g.run(s, input),
+            #[cfg(feature = "onnxruntime")]
+            (Backend::Ort(m), State::Ort(s)) => m.run(s, input),
+            #[cfg(feature = "onnxruntime")]
+            _ => Err(EngineError::Backend(
+                "a state of another engine was used".into(),
+            )),
+        }
     }
 
     /// `p_effusion` for one preprocessed image on a thread's own state.
     pub(super) fn run(&self, state: &mut State, input: &[f32]) -> Result<f32, EngineError> {
-        Ok(self.graph.run(state, input)?[0])
+        Ok(self.run_pair(state, input)?[0])
     }
 }

@@ -12,20 +12,27 @@
 //!   deterministic [`init_weights`].
 //! - `manifest`: [`Manifest`] (`model.json`), [`ModelFiles`] (read with the
 //!   sha256 check, written atomically), [`init_model`], [`golden_input`].
-//! - `engine`: [`Graph`] (the optimised plan) and [`Engine`] (plan +
-//!   manifest, warm-up, canary); [`EngineError`].
+//! - `engine`: [`Engine`] (a model on tract or ONNX Runtime, with its
+//!   manifest, warm-up and canary), [`Graph`] (tract's optimised plan),
+//!   [`EngineKind`], [`EngineError`].
+//! - `onnxruntime` (cargo feature): the ONNX Runtime backend.
 //! - `analyse`: the scan path for one scan ([`Verdict`], [`AnalyseError`]),
 //!   and [`LocalClassifier`], the in-process mode behind `pleura classify`.
 //! - `pool`: [`InferencePool`] and the [`ModelSlot`] it serves from.
+//! - `bench`: engine-only throughput and the per-operation profile
+//!   (`pleura bench engine`, `make bench`).
 
 mod analyse;
+pub mod bench;
 mod engine;
 pub mod manifest;
 pub mod onnx;
+#[cfg(feature = "onnxruntime")]
+mod onnxruntime;
 mod pool;
 
 pub use analyse::{AnalyseError, LocalClassifier, Verdict};
-pub use engine::{Engine, EngineError, Graph};
+pub use engine::{Engine, EngineError, EngineKind, EngineOptions, Graph};
 pub use manifest::{golden_input, init_model, Manifest, ManifestError, ModelFiles};
 pub use onnx::{init_weights, write_onnx, OnnxError, ResNetSpec, Weights};
 pub use pool::{empty_slot, InferencePool, ModelSlot};

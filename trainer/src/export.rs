@@ -541,7 +541,6 @@ mod tests {
         assert_eq!(files.manifest.golden.len(), GOLDEN_SEEDS.len());
         for g in &files.manifest.golden {
             let got = engine
-                .graph()
                 .probabilities(&golden_input(g.input_seed, spec.image_size))
                 .unwrap();
             let diff = got

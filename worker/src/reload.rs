@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use pleura::fleet::announce;
 use pleura::fleet::BrokerError;
-use pleura::model::{Engine, InferencePool, ModelSlot};
+use pleura::model::{Engine, EngineOptions, InferencePool, ModelSlot};
 use pleura::registry::{Registry, Trust};
 use pleura::wire::{ModelAnnouncement, ReloadFailure};
 
@@ -47,6 +47,8 @@ pub(crate) struct Reloader {
     pub(crate) pool: Arc<InferencePool>,
     pub(crate) worker_id: String,
     pub(crate) canary_tolerance: f32,
+    /// The engine new models are loaded into.
+    pub(crate) engine: EngineOptions,
     pub(crate) health: Arc<Health>,
     /// Poked after every swap or refusal so the heartbeat reports it at once.
     pub(crate) beat: Arc<Notify>,
@@ -129,9 +131,10 @@ impl Reloader {
             .map_err(ReloadError::Fetch)?;
         let trust = self.trust.clone();
         let tolerance = self.canary_tolerance;
+        let options = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let verified = artifact.verify(&trust)?;
-            let engine = Engine::from_files(verified.files)?;
+            let engine = Engine::from_files_with(verified.files, &options)?;
             engine.canary(tolerance)?;
             Ok(engine)
         })

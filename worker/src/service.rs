@@ -146,6 +146,7 @@ impl Service {
                     pool: pool.clone(),
                     worker_id: worker_id.clone(),
                     canary_tolerance: settings.canary_tolerance,
+                    engine: settings.engine_options(),
                     health: health.clone(),
                     beat: beat.clone(),
                     refused: Default::default(),
@@ -216,8 +217,8 @@ async fn model_source(settings: &Settings, health: &Health) -> Result<ModelSourc
     if let Some(dir) = &settings.model_dir {
         // Optimising takes seconds of CPU: a blocking thread, not the executor.
         let t0 = Instant::now();
-        let dir = dir.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::load(&dir))
+        let (dir, options) = (dir.clone(), settings.engine_options());
+        let engine = tokio::task::spawn_blocking(move || Engine::load_with(&dir, &options))
             .await
             .expect("model loading panicked")?;
         events::model_loaded(engine.version(), None, t0.elapsed());
