@@ -81,7 +81,7 @@ chart-check: venv tools
 	$(PYTHON) scripts/check-chart.py $(PLEURA_CACHE)/tools/helm3/helm $(PLEURA_CACHE)/tools/helm4/helm
 
 # The images, built offline and run against the real services.
-images-check: services build tools cuda-libs
+images-check: services build tools cuda-libs onnxruntime
 	scripts/images.sh target/debug
 
 build: libtorch

@@ -3,10 +3,11 @@
 # Compile in the builder (BuildKit; cargo's registry and target dir are
 # cached between builds):
 #   docker build -f docker/worker.Dockerfile -t pleura/worker:0.1.0 .
-# Or pack binaries built outside, e.g. by `cargo build --release` (tests use
-# this, and it saves a second compile):
+# Or pack binaries built outside, e.g. by `cargo build --release`, with the
+# libonnxruntime.so of `make onnxruntime` (tests do, and it saves a second
+# compile):
 #   docker build -f docker/worker.Dockerfile --target prebuilt \
-#     --build-arg BIN_DIR=target/release -t pleura/worker:0.1.0 .
+#     --build-arg BIN_DIR=target/release --build-arg ORT_LIB=PATH -t pleura/worker:0.1.0 .
 #
 # RUST_IMAGE and RUNTIME_IMAGE choose the bases (a mirror, a pinned digest).
 # The runtime needs glibc 2.36 (bookworm) or newer.
@@ -16,7 +17,18 @@
 #   docker run --read-only --cap-drop ALL --tmpfs /tmp pleura/worker:0.1.0
 
 ARG RUST_IMAGE=rust:1.95-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
+ARG ORT_VERSION=1.32.0
+
+# ONNX Runtime for `engine = "onnxruntime"`: the shared library of the PyPI
+# wheel, nothing else of it.
+FROM ${PYTHON_IMAGE} AS onnxruntime
+ARG ORT_VERSION
+WORKDIR /tmp/ort
+RUN pip download --no-cache-dir --no-deps "onnxruntime==${ORT_VERSION}" -d . \
+    && python -m zipfile -e onnxruntime-*.whl . \
+    && install -D -m 0644 "onnxruntime/capi/libonnxruntime.so.${ORT_VERSION}" /out/libonnxruntime.so
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
@@ -47,7 +59,8 @@ RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
         --home-dir /nonexistent --shell /usr/sbin/nologin pleura \
     && install -d -o 10001 -g 10001 /var/lib/pleura/registry /var/lib/pleura/keys
 ENV PLEURA_HTTP_ADDR=0.0.0.0:9100 \
-    PLEURA_LOG_FORMAT=json
+    PLEURA_LOG_FORMAT=json \
+    PLEURA_ONNXRUNTIME_LIBRARY=/opt/pleura/onnxruntime/libonnxruntime.so
 USER 10001:10001
 EXPOSE 9100
 # Exec form: SIGTERM reaches the worker itself, which drains and exits 0.
@@ -55,7 +68,10 @@ ENTRYPOINT ["/usr/local/bin/pleura-worker"]
 
 FROM runtime AS prebuilt
 ARG BIN_DIR=target/release
+ARG ORT_LIB=lib/libonnxruntime.so
+COPY ${ORT_LIB} /opt/pleura/onnxruntime/libonnxruntime.so
 COPY --chmod=0755 ${BIN_DIR}/pleura ${BIN_DIR}/pleura-worker /usr/local/bin/
 
 FROM runtime AS worker
+COPY --from=onnxruntime /out/libonnxruntime.so /opt/pleura/onnxruntime/libonnxruntime.so
 COPY --from=build /out/ /usr/local/bin/

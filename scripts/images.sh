@@ -20,6 +20,7 @@ BIN_DIR=${1:-target/debug}
 CACHE=${PLEURA_CACHE:-$HOME/.cache/pleura}
 TORCH_SITE=$CACHE/torch-venv/lib/python3.11/site-packages
 CUDA_SITE=$TORCH_SITE
+ORT_LIB=${PLEURA_ONNXRUNTIME_LIBRARY:-$CACHE/onnxruntime-1.32.0/libonnxruntime.so}
 DATA=${PLEURA_DATA:-../shared/data}
 BASE=local/debian:bookworm-minbase
 TAG=pleura-test
@@ -69,6 +70,8 @@ image_size() { docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.0f MB"
 
 # --- 1. the worker image ------------------------------------------------------
 ctx=$(stage worker pleura pleura-worker)
+mkdir -p "$ctx/lib"
+cp "$ORT_LIB" "$ctx/lib/libonnxruntime.so"
 if docker build -q --network none -f docker/worker.Dockerfile --target prebuilt \
      --build-arg RUNTIME_IMAGE=$BASE --build-arg BIN_DIR=bin -t "$TAG/worker" "$ctx" >/dev/null; then
   pass "worker image builds ($(image_size "$TAG/worker"))"
@@ -116,6 +119,22 @@ if out=$(PLEURA_AMQP_URL=$amqp PLEURA_REDIS_URL=$redis timeout 120 "$BIN_DIR/ple
 else
   fail "submit through the container: $out"
 fi
+
+# The same image serves with ONNX Runtime: engine = "onnxruntime".
+ort_container=pleura-images-ort-$$
+ort_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+docker run -d --name "$ort_container" --network host --read-only --cap-drop ALL --tmpfs /tmp \
+  -e PLEURA_NAMESPACE="$ns-ort" -e PLEURA_HTTP_ADDR="127.0.0.1:$ort_port" -e PLEURA_ENGINE=onnxruntime \
+  -e PLEURA_AMQP_URL="$amqp" -e PLEURA_REDIS_URL="$redis" -e PLEURA_MODEL_DIR=/model \
+  -v "$model:/model:ro" "$TAG/worker" >/dev/null
+if out=$(PLEURA_NAMESPACE=$ns-ort PLEURA_AMQP_URL=$amqp PLEURA_REDIS_URL=$redis timeout 120 "$BIN_DIR/pleura" submit --wait --json --timeout 90 "$scan") \
+   && [[ $out == *'"status":"ok"'* ]]; then
+  pass "the image serves with the onnxruntime engine too (its libonnxruntime.so)"
+else
+  fail "onnxruntime engine in the container: $out"; docker logs "$ort_container" 2>&1 | tail -5
+fi
+docker rm -f "$ort_container" >/dev/null
+redis-cli -u "$redis" --scan --pattern "$ns-ort:*" 2>/dev/null | xargs -r redis-cli -u "$redis" del >/dev/null 2>&1 || true
 
 t0=$(date +%s)
 docker stop -t 30 "$container" >/dev/null
