@@ -111,6 +111,51 @@ pub struct Manifest {
     /// Canary inputs and their expected outputs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub golden: Vec<GoldenCase>,
+    /// The arithmetic of the graph: `fp32` (omitted), or `int8` for a
+    /// quantised variant, which the onnxruntime engine serves fast.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
+    /// For a variant (int8): the model it was made from, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived_from: Option<Derivation>,
+}
+
+/// The arithmetic of a model's graph.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// float32 throughout.
+    #[default]
+    Fp32,
+    /// int8 weights and uint8 activations (QDQ), float head.
+    Int8,
+}
+
+impl Precision {
+    /// The default, which manifests leave out.
+    pub fn is_fp32(&self) -> bool {
+        *self == Precision::Fp32
+    }
+
+    /// The name in manifests and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+/// Where a variant came from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Derivation {
+    /// The fp32 version it was quantised from.
+    pub parent: String,
+    /// Calibration scans used.
+    pub calibration_images: usize,
+    /// SHA-256 of the calibration inputs, so the calibration set is on record.
+    pub calibration_fingerprint: String,
 }
 
 /// Why a model directory could not be read or written.
@@ -244,6 +289,11 @@ impl Manifest {
                 "threshold {} must lie strictly between 0 and 1",
                 self.threshold
             ));
+        }
+        if (self.precision == Precision::Int8) != self.derived_from.is_some() {
+            return bad(
+                "an int8 manifest names the model it was derived from, and only it does".into(),
+            );
         }
         for (i, g) in self.golden.iter().enumerate() {
             if g.name.is_empty() {
@@ -451,6 +501,8 @@ pub fn init_model(spec: &ResNetSpec, seed: u64) -> Result<ModelFiles, OnnxError>
         metrics: None,
         training: None,
         golden: Vec::new(),
+        precision: Precision::Fp32,
+        derived_from: None,
     };
     let files = ModelFiles { manifest, onnx };
     files.verify().map_err(|e| match e {

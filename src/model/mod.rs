@@ -19,6 +19,7 @@
 //! - `analyse`: the scan path for one scan ([`Verdict`], [`AnalyseError`]),
 //!   and [`LocalClassifier`], the in-process mode behind `pleura classify`.
 //! - `pool`: [`InferencePool`] and the [`ModelSlot`] it serves from.
+//! - `quantize`: int8 QDQ variants: batch norm folded, calibrated on scans.
 //! - `bench`: engine-only throughput and the per-operation profile
 //!   (`pleura bench engine`, `make bench`).
 
@@ -30,9 +31,12 @@ pub mod onnx;
 #[cfg(feature = "onnxruntime")]
 mod onnxruntime;
 mod pool;
+pub mod quantize;
 
 pub use analyse::{AnalyseError, LocalClassifier, Verdict};
 pub use engine::{Engine, EngineError, EngineKind, EngineOptions, Graph};
-pub use manifest::{golden_input, init_model, Manifest, ManifestError, ModelFiles};
+pub use manifest::{
+    golden_input, init_model, Derivation, Manifest, ManifestError, ModelFiles, Precision,
+};
 pub use onnx::{init_weights, write_onnx, OnnxError, ResNetSpec, Weights};
 pub use pool::{empty_slot, InferencePool, ModelSlot};

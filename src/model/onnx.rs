@@ -114,13 +114,13 @@ impl ParamSpec {
 
 /// One basic block, as both [`ResNetSpec::params`] and the graph writer walk
 /// it: sharing the walk is what keeps names and graph in step.
-struct Block {
+pub(super) struct Block {
     /// `layer{stage}.{index}`.
-    prefix: String,
-    in_ch: i64,
-    out_ch: i64,
-    stride: i64,
-    downsample: bool,
+    pub(super) prefix: String,
+    pub(super) in_ch: i64,
+    pub(super) out_ch: i64,
+    pub(super) stride: i64,
+    pub(super) downsample: bool,
 }
 
 impl ResNetSpec {
@@ -189,7 +189,7 @@ impl ResNetSpec {
 
     /// The basic blocks in order. Stage 1 keeps the resolution (the max-pool
     /// already halved it); every later stage halves it in its first block.
-    fn block_layout(&self) -> Vec<Block> {
+    pub(super) fn block_layout(&self) -> Vec<Block> {
         let mut out = Vec::new();
         let mut in_ch = self.stem_width;
         for (stage, (&width, &count)) in self.widths.iter().zip(&self.blocks).enumerate() {
@@ -419,7 +419,10 @@ pub fn init_weights(spec: &ResNetSpec, seed: u64) -> Weights {
 
 /// Checks `weights` holds exactly the parameters of `spec`, with the right
 /// shapes and finite values.
-fn check_weights(spec: &ResNetSpec, weights: &Weights) -> Result<Vec<ParamSpec>, OnnxError> {
+pub(super) fn check_weights(
+    spec: &ResNetSpec,
+    weights: &Weights,
+) -> Result<Vec<ParamSpec>, OnnxError> {
     let params = spec.params();
     for p in &params {
         let w = weights
@@ -458,7 +461,7 @@ fn check_weights(spec: &ResNetSpec, weights: &Weights) -> Result<Vec<ParamSpec>,
     Ok(params)
 }
 
-fn attr_int(name: &str, i: i64) -> pb::AttributeProto {
+pub(super) fn attr_int(name: &str, i: i64) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
         r#type: pb::attribute_proto::AttributeType::Int as i32,
@@ -467,7 +470,7 @@ fn attr_int(name: &str, i: i64) -> pb::AttributeProto {
     }
 }
 
-fn attr_ints(name: &str, ints: Vec<i64>) -> pb::AttributeProto {
+pub(super) fn attr_ints(name: &str, ints: Vec<i64>) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
         r#type: pb::attribute_proto::AttributeType::Ints as i32,
@@ -476,7 +479,7 @@ fn attr_ints(name: &str, ints: Vec<i64>) -> pb::AttributeProto {
     }
 }
 
-fn attr_float(name: &str, f: f32) -> pb::AttributeProto {
+pub(super) fn attr_float(name: &str, f: f32) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
         r#type: pb::attribute_proto::AttributeType::Float as i32,
@@ -485,7 +488,7 @@ fn attr_float(name: &str, f: f32) -> pb::AttributeProto {
     }
 }
 
-fn tensor_value_info(
+pub(super) fn tensor_value_info(
     name: &str,
     dims: Vec<pb::tensor_shape_proto::dimension::Value>,
 ) -> pb::ValueInfoProto {
@@ -513,12 +516,12 @@ fn tensor_value_info(
 /// so a graph viewer lines up with the weight names; each node's output
 /// tensor is `<node>.out` unless it is the graph output.
 #[derive(Default)]
-struct GraphBuilder {
-    nodes: Vec<pb::NodeProto>,
+pub(super) struct GraphBuilder {
+    pub(super) nodes: Vec<pb::NodeProto>,
 }
 
 impl GraphBuilder {
-    fn node(
+    pub(super) fn node(
         &mut self,
         op_type: &str,
         name: &str,
@@ -530,7 +533,7 @@ impl GraphBuilder {
         output
     }
 
-    fn node_to(
+    pub(super) fn node_to(
         &mut self,
         op_type: &str,
         name: &str,

@@ -379,6 +379,8 @@ fn export_with(
             metrics: null_to_none(&req.metrics),
             training: null_to_none(&req.training),
             golden,
+            precision: pleura::model::Precision::Fp32,
+            derived_from: None,
         },
         onnx,
     };
