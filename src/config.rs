@@ -88,6 +88,11 @@ pub struct Settings {
     /// Promotion gate: lowest validation recall at the model's own threshold.
     #[serde(default = "default_gate_min_recall")]
     pub gate_min_recall: f64,
+    /// Promotion gate for int8 variants: largest validation AUROC an int8
+    /// model may lose against its fp32 parent (recall at the threshold must
+    /// not change at all).
+    #[serde(default = "default_gate_max_int8_auroc_loss")]
+    pub gate_max_int8_auroc_loss: f64,
     /// Inference engine: `tract` (the default) or `onnxruntime` (needs
     /// `libonnxruntime.so`, see `onnxruntime_library`; the engine for int8
     /// models).
@@ -165,6 +170,9 @@ fn default_gate_min_auroc() -> f64 {
 }
 fn default_gate_min_recall() -> f64 {
     0.85
+}
+fn default_gate_max_int8_auroc_loss() -> f64 {
+    0.005
 }
 fn default_prefetch_per_thread() -> u16 {
     2
@@ -277,6 +285,7 @@ impl Settings {
         for (name, v) in [
             ("gate_min_auroc", self.gate_min_auroc),
             ("gate_min_recall", self.gate_min_recall),
+            ("gate_max_int8_auroc_loss", self.gate_max_int8_auroc_loss),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return bad(format!("{name} must be within [0, 1]"));
@@ -326,6 +335,7 @@ impl Settings {
         crate::registry::GatePolicy {
             min_auroc: self.gate_min_auroc,
             min_recall: self.gate_min_recall,
+            max_int8_auroc_loss: self.gate_max_int8_auroc_loss,
         }
     }
 

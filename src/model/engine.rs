@@ -280,8 +280,17 @@ impl Engine {
     /// Both class probabilities for one preprocessed image, on a fresh
     /// state: for checks and canaries, not for the hot path.
     pub fn probabilities(&self, input: &[f32]) -> Result<[f32; 2], EngineError> {
-        let mut state = self.new_state()?;
-        self.run_pair(&mut state, input)
+        self.scorer()?.probabilities(input)
+    }
+
+    /// A reusable state for scoring many images on one thread (evaluation,
+    /// canaries, calibration checks). An ONNX Runtime state is a session,
+    /// so making one per image would cost more than the inference.
+    pub fn scorer(&self) -> Result<Scorer<'_>, EngineError> {
+        Ok(Scorer {
+            engine: self,
+            state: self.new_state()?,
+        })
     }
 
     /// Proves the loaded graph computes what its trainer computed: every
@@ -290,11 +299,12 @@ impl Engine {
     /// probability pair. Workers run this before swapping a model in.
     pub fn canary(&self, tolerance: f32) -> Result<(), EngineError> {
         let size = self.input_size();
+        let mut scorer = self.scorer()?;
         for seed in CANARY_SEEDS {
-            self.probabilities(&golden_input(seed, size))?;
+            scorer.probabilities(&golden_input(seed, size))?;
         }
         for case in &self.manifest.golden {
-            let got = self.probabilities(&golden_input(case.input_seed, size))?;
+            let got = scorer.probabilities(&golden_input(case.input_seed, size))?;
             let close = case.expected.len() == got.len()
                 && case
                     .expected
@@ -359,5 +369,18 @@ impl Engine {
     /// `p_effusion` for one preprocessed image on a thread's own state.
     pub(super) fn run(&self, state: &mut State, input: &[f32]) -> Result<f32, EngineError> {
         Ok(self.run_pair(state, input)?[0])
+    }
+}
+
+/// One thread's state over an [`Engine`]: see [`Engine::scorer`].
+pub struct Scorer<'a> {
+    engine: &'a Engine,
+    state: State,
+}
+
+impl Scorer<'_> {
+    /// Both class probabilities for one preprocessed image.
+    pub fn probabilities(&mut self, input: &[f32]) -> Result<[f32; 2], EngineError> {
+        self.engine.run_pair(&mut self.state, input)
     }
 }

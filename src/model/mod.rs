@@ -34,7 +34,7 @@ mod pool;
 pub mod quantize;
 
 pub use analyse::{AnalyseError, LocalClassifier, Verdict};
-pub use engine::{Engine, EngineError, EngineKind, EngineOptions, Graph};
+pub use engine::{Engine, EngineError, EngineKind, EngineOptions, Graph, Scorer};
 pub use manifest::{
     golden_input, init_model, Derivation, Manifest, ManifestError, ModelFiles, Precision,
 };

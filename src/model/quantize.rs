@@ -686,8 +686,9 @@ pub fn int8_variant(
         },
         engine,
     )?;
+    let mut scorer = probe.scorer()?;
     for case in &parent.manifest.golden {
-        let got = probe.probabilities(&golden_input(case.input_seed, spec.image_size))?;
+        let got = scorer.probabilities(&golden_input(case.input_seed, spec.image_size))?;
         manifest.golden.push(GoldenCase {
             expected: got.to_vec(),
             ..case.clone()

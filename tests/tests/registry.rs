@@ -450,6 +450,7 @@ async fn publishing_runs_the_gate_and_versions_are_immutable() {
     let policy = GatePolicy {
         min_auroc: 0.8,
         min_recall: 0.85,
+        max_int8_auroc_loss: 0.005,
     };
     let opts = |force: bool| PublishOptions {
         force,

@@ -17,11 +17,14 @@
 //! - [`metrics`]: AUROC, PR-AUC, threshold for a target recall, confusion matrix.
 //! - [`export`]: parity check (tract vs tch) and the model directory.
 //! - [`report`]: `report.json`, plots and `report.md`.
+//! - [`quantize`]: int8 variants, calibrated on the training split and
+//!   measured against their parent on its validation split.
 
 pub mod augment;
 pub mod data;
 pub mod export;
 pub mod metrics;
 pub mod model;
+pub mod quantize;
 pub mod report;
 pub mod train;

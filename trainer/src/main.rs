@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pleura_trainer::quantize::{QuantizeConfig, QuantizeOutcome};
 use pleura_trainer::train::{ClassWeights, Schedule, TrainConfig};
 
 /// Retrain, evaluate and export the Pleura effusion model.
@@ -20,6 +21,10 @@ enum Command {
     /// evaluate on a held-out split, and export model.onnx + model.json + a report
     /// to OUT/<version>/.
     Train(Box<TrainArgs>),
+    /// Make the int8 variant of a trained model: calibrated on scans from its
+    /// own training split, measured against it on its validation split with
+    /// the engine that will serve it, written to OUT/<version>-int8/.
+    Quantize(Box<QuantizeArgs>),
     /// Draw synthetic CXR-like phantoms in the training layout (for demos and
     /// tests; never a substitute for real data in evaluation).
     Synth {
@@ -114,6 +119,87 @@ struct TrainArgs {
     /// signing key); `PLEURA_CONFIG` and `PLEURA_*` variables also work.
     #[arg(long, requires = "publish")]
     config: Option<PathBuf>,
+    /// Also make the int8 variant (see `quantize`); with --publish it is
+    /// published after the fp32 model and becomes the active one.
+    #[arg(long)]
+    int8: bool,
+    #[command(flatten)]
+    quant: QuantOptions,
+}
+
+/// How an int8 variant is made (shared by `train --int8` and `quantize`).
+#[derive(clap::Args, Debug, Clone)]
+struct QuantOptions {
+    /// Calibration scans drawn from the training split.
+    #[arg(long, default_value_t = 64)]
+    calibration_images: usize,
+    /// The engine that will serve the int8 model, on which it is measured:
+    /// onnxruntime (runs QDQ with int8 kernels) or tract.
+    #[arg(long, default_value = DEFAULT_INT8_ENGINE)]
+    int8_engine: pleura::model::EngineKind,
+    /// libonnxruntime.so for the onnxruntime engine (`make onnxruntime`
+    /// installs it; default: the dynamic loader's search path).
+    #[arg(long, env = "PLEURA_ONNXRUNTIME_LIBRARY")]
+    onnxruntime_library: Option<PathBuf>,
+}
+
+#[cfg(feature = "onnxruntime")]
+const DEFAULT_INT8_ENGINE: &str = "onnxruntime";
+#[cfg(not(feature = "onnxruntime"))]
+const DEFAULT_INT8_ENGINE: &str = "tract";
+
+#[derive(clap::Args, Debug)]
+struct QuantizeArgs {
+    /// The fp32 model directory written by `train`.
+    #[arg(long)]
+    model: PathBuf,
+    /// The dataset it was trained on (default: the path in its manifest).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Calibrate on this dataset instead of the training split (for
+    /// experiments; the gate still judges on the parent's validation set).
+    #[arg(long)]
+    calibration_data: Option<PathBuf>,
+    /// Output folder; the variant goes to OUT/<parent>-int8/.
+    #[arg(long, default_value = "models")]
+    out: PathBuf,
+    /// Decoding threads.
+    #[arg(long, default_value_t = 2)]
+    loader_threads: usize,
+    #[command(flatten)]
+    quant: QuantOptions,
+    /// Publish the variant through the promotion gate and activate it.
+    #[arg(long)]
+    publish: bool,
+    /// With --publish: why, recorded in the activation history.
+    #[arg(long, requires = "publish")]
+    reason: Option<String>,
+    /// With --publish: Pleura configuration file.
+    #[arg(long, requires = "publish")]
+    config: Option<PathBuf>,
+}
+
+impl QuantOptions {
+    fn config(
+        &self,
+        model: PathBuf,
+        data: Option<PathBuf>,
+        out: PathBuf,
+        threads: usize,
+    ) -> QuantizeConfig {
+        QuantizeConfig {
+            model,
+            data,
+            calibration_data: None,
+            calibration_images: self.calibration_images,
+            out,
+            engine: pleura::model::EngineOptions {
+                kind: self.int8_engine,
+                onnxruntime_library: self.onnxruntime_library.clone(),
+            },
+            loader_threads: threads,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -148,6 +234,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Quantize(a) => quantize_command(*a),
         Command::Train(a) => {
             // Settings are checked before hours of training, not after.
             let publish = if a.publish {
@@ -161,6 +248,14 @@ fn main() -> ExitCode {
             } else {
                 None
             };
+            let quant = a.int8.then(|| {
+                a.quant.config(
+                    PathBuf::new(),
+                    Some(a.data.clone()),
+                    a.out.clone(),
+                    a.loader_threads,
+                )
+            });
             let cfg = TrainConfig {
                 data: a.data,
                 out: a.out,
@@ -185,11 +280,33 @@ fn main() -> ExitCode {
             match pleura_trainer::train::train(&cfg) {
                 Ok(outcome) => {
                     print_summary(&outcome);
-                    match (publish, &outcome.exported) {
-                        (Some((settings, force, reason)), Some(exported)) => {
-                            publish_export(&settings, &exported.dir, force, reason)
+                    let Some(exported) = &outcome.exported else {
+                        return ExitCode::SUCCESS;
+                    };
+                    if let Some((settings, force, reason)) = &publish {
+                        let code = publish_export(settings, &exported.dir, *force, reason.clone());
+                        if code != ExitCode::SUCCESS {
+                            return code;
                         }
-                        _ => ExitCode::SUCCESS,
+                    }
+                    let Some(mut quant) = quant else {
+                        return ExitCode::SUCCESS;
+                    };
+                    quant.model = exported.dir.clone();
+                    match pleura_trainer::quantize::quantize(&quant) {
+                        Ok(q) => {
+                            print_quantized(&q);
+                            match &publish {
+                                Some((settings, _, reason)) => {
+                                    publish_export(settings, &q.dir, false, reason.clone())
+                                }
+                                None => ExitCode::SUCCESS,
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("pleura-trainer: the fp32 model was exported but its int8 variant was not: {e}");
+                            ExitCode::FAILURE
+                        }
                     }
                 }
                 Err(e @ pleura_trainer::train::TrainError::Config(_)) => {
@@ -201,6 +318,68 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn print_quantized(q: &QuantizeOutcome) {
+    let fmt = |x: Option<f64>| x.map(|x| format!("{x:.4}")).unwrap_or_else(|| "n/a".into());
+    println!(
+        "int8 variant {} calibrated on {} training scans (fingerprint {})",
+        q.files.manifest.version,
+        q.calibration.images,
+        &q.calibration.fingerprint[..12]
+    );
+    println!(
+        "validation ({} scans, threshold {:.4}):",
+        q.int8.at_chosen.confusion.total(),
+        q.int8.at_chosen.threshold
+    );
+    for (what, m) in [("fp32", &q.parent), ("int8", &q.int8)] {
+        println!(
+            "  {what}: AUROC {}  recall {:.3}  precision {:.3}  specificity {:.3}",
+            fmt(m.auroc),
+            m.at_chosen.recall,
+            m.at_chosen.precision,
+            m.at_chosen.specificity
+        );
+    }
+    println!(
+        "  max |p_int8 - p_fp32| {:.4}; verdicts changed: {}",
+        q.max_abs_diff, q.verdicts_changed
+    );
+    println!("wrote {}", q.dir.display());
+}
+
+fn quantize_command(a: QuantizeArgs) -> ExitCode {
+    let settings = if a.publish {
+        match pleura::config::Settings::load(a.config.as_deref()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("pleura-trainer: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let mut cfg = a.quant.config(a.model, a.data, a.out, a.loader_threads);
+    cfg.calibration_data = a.calibration_data;
+    match pleura_trainer::quantize::quantize(&cfg) {
+        Ok(q) => {
+            print_quantized(&q);
+            match settings {
+                Some(s) => publish_export(&s, &q.dir, false, a.reason),
+                None => ExitCode::SUCCESS,
+            }
+        }
+        Err(e @ pleura_trainer::quantize::QuantizeError::Unsuitable(_)) => {
+            eprintln!("pleura-trainer: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("pleura-trainer: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -382,7 +382,7 @@ impl Prepared {
             "val_effusion": positives(&self.val),
             "split": self.split,
             "class_weights": self.weights,
-            "fingerprint": fingerprint(&self.val),
+            "fingerprint": data::fingerprint(&self.val),
         })
     }
 
@@ -715,26 +715,6 @@ pub fn class_weights(choice: ClassWeights, n_pos: usize, n_neg: usize) -> [f64; 
             [wp / s, wn / s]
         }
     }
-}
-
-/// A fingerprint of the validation set (its files and labels), so a later
-/// promotion gate can tell whether two models were measured on the same data.
-fn fingerprint(val: &[Sample]) -> String {
-    let mut names: Vec<String> = val
-        .iter()
-        .map(|s| {
-            format!(
-                "{}:{}",
-                s.path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                s.effusion
-            )
-        })
-        .collect();
-    names.sort();
-    pleura::model::manifest::sha256_hex(names.join("\n").as_bytes())
 }
 
 fn tensors(batch: &Batch, size: u32, device: Device) -> (Tensor, Tensor) {

@@ -48,4 +48,4 @@ pub use dataset::{
 };
 pub use error::DataError;
 pub use loader::{Batch, Epoch, ImageCache, Loader};
-pub use split::{split, subsample, subsample_prevalence, Split, SplitSummary};
+pub use split::{fingerprint, split, subsample, subsample_prevalence, Split, SplitSummary};

@@ -278,3 +278,24 @@ fn pick(
         samples: chosen.into_iter().map(|i| ds.samples[i].clone()).collect(),
     }
 }
+
+/// A fingerprint of a set of images (their file names and labels): the
+/// validation set's, so that the promotion gate can tell whether two models
+/// were measured on the same data.
+pub fn fingerprint(val: &[Sample]) -> String {
+    let mut names: Vec<String> = val
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                s.effusion
+            )
+        })
+        .collect();
+    names.sort();
+    pleura::model::manifest::sha256_hex(names.join("\n").as_bytes())
+}
