@@ -205,6 +205,20 @@ struct Writer<'a> {
     weights: &'a Weights,
 }
 
+/// A square convolution's kernel side, stride and padding.
+#[derive(Clone, Copy)]
+struct Geom {
+    k: i64,
+    stride: i64,
+    pad: i64,
+}
+
+impl Geom {
+    fn new(k: i64, stride: i64, pad: i64) -> Geom {
+        Geom { k, stride, pad }
+    }
+}
+
 impl Writer<'_> {
     /// A tensor the int8 graph quantises. `relu` says it is a ReLU's output:
     /// the float graph applies the ReLU, the int8 graph lets a zero-point-0
@@ -273,16 +287,8 @@ impl Writer<'_> {
     }
 
     /// A folded conv+bn reading `x`, quantised at `input_key`.
-    fn conv(
-        &mut self,
-        conv: &str,
-        bn: &str,
-        x: &str,
-        input_key: &str,
-        k: i64,
-        stride: i64,
-        pad: i64,
-    ) -> String {
+    fn conv(&mut self, conv: &str, bn: &str, x: &str, input_key: &str, geom: Geom) -> String {
+        let Geom { k, stride, pad } = geom;
         let f = fold(self.weights, conv, bn);
         let out = f.weight.shape[0];
         let int8 = matches!(self.mode, Mode::Int8 { .. });
@@ -318,13 +324,12 @@ impl Writer<'_> {
     fn quantised_weights(&mut self, conv: &str, f: &Folded, s_in: f32) -> (String, String) {
         let out = f.weight.shape[0] as usize;
         let per = f.weight.data.len() / out;
-        let mut w_scale = vec![0f32; out];
+        let mut w_scale = Vec::with_capacity(out);
         let mut w_q = Vec::with_capacity(f.weight.data.len());
-        for c in 0..out {
-            let row = &f.weight.data[c * per..(c + 1) * per];
+        for row in f.weight.data.chunks_exact(per) {
             let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
             let s = if max > 0.0 { max / 127.0 } else { 1.0 };
-            w_scale[c] = s;
+            w_scale.push(s);
             w_q.extend(
                 row.iter()
                     .map(|v| (v / s).round().clamp(-127.0, 127.0) as i8 as u8),
@@ -390,7 +395,7 @@ impl Writer<'_> {
     fn network(&mut self, spec: &ResNetSpec) {
         let mut x = self.point("input", INPUT_NAME, false);
         let mut key = "input".to_string();
-        let c = self.conv("conv1", "bn1", &x, &key, 7, 2, 3);
+        let c = self.conv("conv1", "bn1", &x, &key, Geom::new(7, 2, 3));
         x = self.point("stem", &c, true);
         key = "stem".into();
         let pooled = self.g.node(
@@ -419,9 +424,7 @@ impl Writer<'_> {
                 &format!("{p}.bn1"),
                 &x,
                 &key,
-                3,
-                b.stride,
-                1,
+                Geom::new(3, b.stride, 1),
             );
             let a = self.point(&format!("{p}.a"), &c1, true);
             let c2 = self.conv(
@@ -429,9 +432,7 @@ impl Writer<'_> {
                 &format!("{p}.bn2"),
                 &a,
                 &format!("{p}.a"),
-                3,
-                1,
-                1,
+                Geom::new(3, 1, 1),
             );
             let y = self.point(&format!("{p}.b"), &c2, false);
             let shortcut = if b.downsample {
@@ -440,9 +441,7 @@ impl Writer<'_> {
                     &format!("{p}.downsample.1"),
                     &x,
                     &key,
-                    1,
-                    b.stride,
-                    0,
+                    Geom::new(1, b.stride, 0),
                 );
                 self.point(&format!("{p}.s"), &s, false)
             } else {

@@ -294,7 +294,8 @@ pub fn pr_curve(scores: &[f32], positives: &[bool]) -> Vec<(f64, f64)> {
 /// A threshold picked to reach a target recall, with what it achieves.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ThresholdChoice {
-    /// Flag effusion iff `p_effusion >= threshold`. Always one of the scores.
+    /// Flag effusion iff `p_effusion >= threshold`. Halfway between the
+    /// lowest flagged score and the next lower one.
     pub threshold: f32,
     /// Recall at `threshold` (at least `target_recall`).
     pub recall: f64,
@@ -304,10 +305,15 @@ pub struct ThresholdChoice {
     pub target_recall: f64,
 }
 
-/// The HIGHEST threshold whose recall reaches `target`, so precision is as
-/// good as it can be while recall holds, with the recall and precision at it.
+/// The threshold that flags the FEWEST scans while recall reaches `target`,
+/// so precision is as good as it can be while recall holds, with the recall
+/// and precision at it.
 ///
-/// The threshold is always an actual (non-NaN) score, so
+/// It sits halfway between the lowest score it flags and the highest one it
+/// does not (or on the lowest flagged score when nothing lower exists), not
+/// on a score: a threshold equal to the boundary effusion's score would
+/// miss that effusion as soon as its score dropped by one rounding step, as
+/// it may between tch and tract, or between a model and its int8 variant.
 /// `Confusion::at(scores, positives, choice.threshold).recall() >= target`
 /// holds exactly, ties included. Returns `None` when there are no effusions,
 /// or when `target` cannot be reached (it is NaN or above 1, or effusions
@@ -326,15 +332,29 @@ pub fn threshold_for_recall(
         return None;
     }
     let (mut tp, mut fp) = (0u64, 0u64);
-    for g in groups.iter().filter(|g| !g.score.is_nan()) {
+    let scored: Vec<&TieGroup> = groups.iter().filter(|g| !g.score.is_nan()).collect();
+    for (i, g) in scored.iter().enumerate() {
         tp += g.pos;
         fp += g.neg;
         // The same expression as Confusion::recall, so the comparison here
         // and the one a caller makes agree bit for bit.
         let recall = ratio(tp, n_pos);
         if recall >= target {
+            let threshold = match scored.get(i + 1) {
+                Some(next) => {
+                    let mid = ((f64::from(g.score) + f64::from(next.score)) / 2.0) as f32;
+                    // Adjacent floats have no midpoint; the score itself
+                    // then still flags exactly this group and above.
+                    if mid > next.score && mid <= g.score {
+                        mid
+                    } else {
+                        g.score
+                    }
+                }
+                None => g.score,
+            };
             return Some(ThresholdChoice {
-                threshold: g.score,
+                threshold,
                 recall,
                 precision: ratio(tp, tp + fp),
                 target_recall: target,
@@ -638,7 +658,7 @@ mod tests {
         // Recall 1 would need flagging the NaN, which no threshold does.
         assert_eq!(threshold_for_recall(&scores, &labels, 1.0), None);
         let c = threshold_for_recall(&scores, &labels, 0.5).unwrap();
-        assert_eq!(c.threshold, 0.1);
+        assert_eq!(c.threshold, 0.1, "nothing scored lies below it");
     }
 
     #[test]
@@ -659,17 +679,18 @@ mod tests {
         let scores = [0.1, 0.9, 0.3, 0.7, 0.8, 0.2, 0.6, 0.4];
         let labels = [F, T, T, T, F, F, T, F];
         let c = threshold_for_recall(&scores, &labels, 0.75).unwrap();
-        // At 0.6: tp 3 of 4, fp 1 -> R .75, P .75. 0.7 gives only R .5.
-        assert_eq!(c.threshold, 0.6);
+        // Down to 0.6: tp 3 of 4, fp 1 -> R .75, P .75. 0.7 gives only R .5.
+        // The threshold sits between 0.6 and the next score, 0.4.
+        assert_eq!(c.threshold, 0.5);
         assert_eq!(c.recall, 0.75);
         assert_eq!(c.precision, 0.75);
         assert_eq!(c.target_recall, 0.75);
         let c = threshold_for_recall(&scores, &labels, 0.76).unwrap();
-        // Full recall needs 0.3: tp 4, fp 2.
-        assert_eq!(c.threshold, 0.3);
+        // Full recall needs 0.3: tp 4, fp 2; the next score is 0.2.
+        assert_eq!(c.threshold, 0.25);
         assert_eq!((c.recall, c.precision), (1.0, 4.0 / 6.0));
         let c = threshold_for_recall(&scores, &labels, 0.0).unwrap();
-        assert_eq!(c.threshold, 0.9);
+        assert!((c.threshold - 0.85).abs() < 1e-6, "{}", c.threshold);
         assert_eq!(threshold_for_recall(&scores, &labels, 1.01), None);
         assert_eq!(threshold_for_recall(&scores, &labels, f64::NAN), None);
     }
@@ -681,7 +702,7 @@ mod tests {
         let scores = [0.9, 0.5, 0.5, 0.5, 0.1];
         let labels = [T, F, T, F, T];
         let c = threshold_for_recall(&scores, &labels, 0.6).unwrap();
-        assert_eq!(c.threshold, 0.5);
+        assert!((c.threshold - 0.3).abs() < 1e-6, "{}", c.threshold);
         assert!(close(c.recall, 2.0 / 3.0));
         assert!(close(c.precision, 0.5));
         let conf = Confusion::at(&scores, &labels, c.threshold);
@@ -719,14 +740,30 @@ mod tests {
                     assert_eq!(n_pos, 0);
                     continue;
                 };
-                assert!(scores.contains(&c.threshold));
                 let conf = Confusion::at(&scores, &labels, c.threshold);
                 assert!(conf.recall() >= target, "case {case} target {target}");
                 assert_eq!(conf.recall(), c.recall);
                 assert_eq!(conf.precision(), c.precision);
-                // Highest such threshold: any higher score misses the target.
-                for &s in scores.iter().filter(|&&s| s > c.threshold) {
+                // Fewest flagged: a threshold on any flagged score above the
+                // lowest flagged one misses the target.
+                let lowest = scores
+                    .iter()
+                    .copied()
+                    .filter(|&s| s >= c.threshold)
+                    .fold(f32::INFINITY, f32::min);
+                assert_eq!(Confusion::at(&scores, &labels, lowest), conf);
+                for &s in scores.iter().filter(|&&s| s > lowest) {
                     assert!(Confusion::at(&scores, &labels, s).recall() < target);
+                }
+                // Margin: halfway to the highest unflagged score.
+                if let Some(below) = scores
+                    .iter()
+                    .copied()
+                    .filter(|&s| s < c.threshold)
+                    .reduce(f32::max)
+                {
+                    let half = (lowest - below) / 2.0;
+                    assert!((c.threshold - below - half).abs() <= 1e-6, "case {case}");
                 }
             }
         }
@@ -764,9 +801,10 @@ mod tests {
             }
         );
         let chosen = e.chosen.unwrap();
-        assert_eq!(chosen.threshold, 0.35);
+        // Halfway between the flagged 0.35 and the unflagged 0.1.
+        assert_eq!(chosen.threshold, 0.225);
         let at = e.at_chosen.unwrap();
-        assert_eq!(at.threshold, 0.35);
+        assert_eq!(at.threshold, 0.225);
         assert_eq!(at.recall, 1.0);
         assert_eq!(
             at.confusion,
