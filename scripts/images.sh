@@ -43,8 +43,12 @@ work=$(mktemp -d)
 # context is 4 GB) and keeps one copy instead of one per run.
 contexts=$CACHE/image-contexts
 container=""
+namespaces=()
 cleanup() {
   [ -n "$container" ] && docker rm -f "$container" >/dev/null 2>&1 || true
+  for n in "${namespaces[@]}"; do
+    PLEURA_NAMESPACE=$n "$BIN_DIR/pleura" fleet teardown --confirm "$n" >/dev/null 2>&1 || true
+  done
   rm -rf "$work"
   # Keep the cache bounded: no dangling images, no stale build cache.
   docker image prune -f >/dev/null 2>&1 || true
@@ -80,6 +84,7 @@ else
 fi
 
 ns=images-$$
+namespaces=("$ns" "$ns-ort")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 model=$work/model
 "$BIN_DIR/pleura" models init --out "$model" --width 16 --image-size 128 >/dev/null

@@ -21,13 +21,24 @@ pub enum FleetCommand {
         #[arg(long)]
         require_ready: bool,
     },
+    /// Delete the whole namespace: its queues (with any scans still in
+    /// them), exchanges, results, registry state and heartbeats. For
+    /// decommissioning a fleet and for benchmark and test namespaces.
+    Teardown {
+        /// Required: the namespace to delete, typed out again.
+        #[arg(long)]
+        confirm: String,
+    },
 }
 
 pub(super) async fn run(settings: &Settings, cmd: FleetCommand) -> Result<ExitCode, CliError> {
-    let FleetCommand::Status {
-        json,
-        require_ready,
-    } = cmd;
+    let (json, require_ready) = match cmd {
+        FleetCommand::Status {
+            json,
+            require_ready,
+        } => (json, require_ready),
+        FleetCommand::Teardown { confirm } => return teardown(settings, &confirm).await,
+    };
     let client = redis::Client::open(settings.redis_url.as_str()).map_err(failed)?;
     let mut redis = redis::aio::ConnectionManager::new(client)
         .await
@@ -104,6 +115,21 @@ pub(super) async fn run(settings: &Settings, cmd: FleetCommand) -> Result<ExitCo
 }
 
 /// With `--require-ready`, fails unless some worker takes jobs.
+async fn teardown(settings: &Settings, confirm: &str) -> Result<ExitCode, CliError> {
+    let names = settings.names();
+    if confirm != names.namespace() {
+        return Err(CliError::Usage(format!(
+            "--confirm {confirm:?} does not name this namespace ({:?}); nothing was deleted",
+            names.namespace()
+        )));
+    }
+    crate::fleet::teardown::delete_namespace(&settings.amqp_url, &settings.redis_url, &names)
+        .await
+        .map_err(failed)?;
+    eprintln!("deleted namespace {}", names.namespace());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn readiness(workers: &[WorkerStatus], require_ready: bool) -> Result<ExitCode, CliError> {
     let ready = workers
         .iter()

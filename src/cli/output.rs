@@ -126,7 +126,13 @@ pub(super) fn print_rows(rows: &[Row], json: bool) {
         );
     }
     let ok = rows.iter().filter(|r| r.is_ok()).count();
-    let _ = writeln!(out, "{ok} ok, {} failed", rows.len() - ok);
+    let submitted = rows.iter().filter(|r| r.status == "submitted").count();
+    if submitted == rows.len() {
+        // Without --wait nothing has an outcome yet.
+        let _ = writeln!(out, "{submitted} submitted");
+    } else {
+        let _ = writeln!(out, "{ok} ok, {} failed", rows.len() - ok);
+    }
 }
 
 pub(super) fn exit_for(rows: &[Row]) -> ExitCode {

@@ -16,8 +16,10 @@ use crate::wire::{Classification, Label};
 pub struct Verdict {
     /// The answer, as results carry it.
     pub classification: Classification,
-    /// Decode and preprocess time, milliseconds.
+    /// Decode time, milliseconds.
     pub decode_ms: f64,
+    /// Preprocess (resize, normalise) time, milliseconds.
+    pub preprocess_ms: f64,
     /// Inference time, milliseconds.
     pub infer_ms: f64,
 }
@@ -56,9 +58,7 @@ pub(super) fn analyse_on(
     bytes: &[u8],
     limits: &Limits,
 ) -> Result<Verdict, AnalyseError> {
-    let t0 = Instant::now();
-    let input = scan::load_scan(bytes, limits, engine.input_size())?;
-    let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (input, times) = scan::load_scan_timed(bytes, limits, engine.input_size())?;
 
     if slot
         .as_ref()
@@ -81,7 +81,8 @@ pub(super) fn analyse_on(
             threshold,
             model_version: engine.version().to_string(),
         },
-        decode_ms,
+        decode_ms: times.decode_ms,
+        preprocess_ms: times.preprocess_ms,
         infer_ms,
     })
 }

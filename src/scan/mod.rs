@@ -46,5 +46,5 @@ pub use error::{LimitKind, ScanError};
 pub use format::{detect_format, ImageFormat};
 pub use gray::GrayImage;
 pub use limits::{Limits, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS};
-pub use pipeline::{decode, load_scan};
+pub use pipeline::{decode, load_scan, load_scan_timed, LoadTimes};
 pub use resize::preprocess;

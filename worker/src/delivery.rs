@@ -45,16 +45,26 @@ struct Settled {
     job_id: Option<String>,
     outcome: Outcome,
     model_version: Option<String>,
+    stages: events::Stages,
 }
 
 impl Settled {
-    fn requeued(job_id: String) -> Settled {
+    fn requeued(job_id: String, stages: events::Stages) -> Settled {
         Settled {
             job_id: Some(job_id),
             outcome: Outcome::Retry,
             model_version: None,
+            stages,
         }
     }
+}
+
+/// Settles the delivery, timing it as the `ack` stage.
+async fn settle(guard: AckGuard, settlement: Settlement, stages: &mut events::Stages) {
+    let t = Instant::now();
+    guard.settle(settlement).await;
+    stages.ack_ms = t.elapsed().as_secs_f64() * 1e3;
+    events::stage("ack", stages.ack_ms / 1e3);
 }
 
 impl Handler {
@@ -78,11 +88,13 @@ impl Handler {
             Err(reason) => {
                 // Without a usable job id nobody can be told: dead-letter only.
                 events::scan_rejected(None, "invalid_job_id", &reason.to_string());
-                guard.settle(policy::for_unidentified()).await;
+                let mut stages = events::Stages::default();
+                settle(guard, policy::for_unidentified(), &mut stages).await;
                 Settled {
                     job_id: None,
                     outcome: Outcome::Poison,
                     model_version: None,
+                    stages,
                 }
             }
             Ok(job_id) => {
@@ -104,6 +116,7 @@ impl Handler {
             settled.outcome,
             settled.model_version.as_deref(),
             received.elapsed(),
+            &settled.stages,
         );
         self.health.stats.end();
     }
@@ -122,12 +135,18 @@ impl Handler {
             queue: queue_ms,
             ..Timings::default()
         };
+        let mut stages = events::Stages::default();
         let (mut result, settlement, outcome) =
             match self.pool.analyse(scan, context.priority).await {
                 Ok(v) => {
                     events::stage("decode", v.decode_ms / 1e3);
+                    events::stage("preprocess", v.preprocess_ms / 1e3);
                     events::stage("infer", v.infer_ms / 1e3);
-                    timings.decode = v.decode_ms;
+                    stages.decode_ms = v.decode_ms;
+                    stages.preprocess_ms = v.preprocess_ms;
+                    stages.infer_ms = v.infer_ms;
+                    // The wire contract's `decode` covers both scan stages.
+                    timings.decode = v.decode_ms + v.preprocess_ms;
                     timings.infer = v.infer_ms;
                     let result = ScanResult::ok(context, v.classification, timings);
                     (result, Settlement::Ack, Outcome::Ok)
@@ -144,8 +163,8 @@ impl Handler {
                     }
                     Disposition::Requeue => {
                         events::job_requeued(&job_id, &error);
-                        guard.settle(Settlement::Requeue).await;
-                        return Settled::requeued(job_id);
+                        settle(guard, Settlement::Requeue, &mut stages).await;
+                        return Settled::requeued(job_id, stages);
                     }
                 },
             };
@@ -167,17 +186,19 @@ impl Handler {
             Ok(_) => {
                 self.redis_ok
                     .send_if_modified(|ok| !std::mem::replace(ok, true));
-                events::stage("write", t_write.elapsed().as_secs_f64());
-                guard.settle(settlement).await;
+                stages.write_ms = t_write.elapsed().as_secs_f64() * 1e3;
+                events::stage("write", stages.write_ms / 1e3);
+                settle(guard, settlement, &mut stages).await;
                 Settled {
                     job_id: Some(job_id),
                     outcome,
                     model_version: result.model_version,
+                    stages,
                 }
             }
             Err(retry::Cancelled) => {
-                guard.settle(Settlement::Requeue).await;
-                Settled::requeued(job_id)
+                settle(guard, Settlement::Requeue, &mut stages).await;
+                Settled::requeued(job_id, stages)
             }
         }
     }

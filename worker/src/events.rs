@@ -58,12 +58,30 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// A delivery has been settled.
+/// Milliseconds a settled job spent in each stage of the pipeline; 0 for a
+/// stage it never reached (a rejected scan is never inferred).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stages {
+    /// Bytes to gray pixels.
+    pub decode_ms: f64,
+    /// Resize and normalisation.
+    pub preprocess_ms: f64,
+    /// Model inference (on the inference pool).
+    pub infer_ms: f64,
+    /// The result write to Redis, retries included.
+    pub write_ms: f64,
+    /// Settling the delivery with the broker.
+    pub ack_ms: f64,
+}
+
+/// A delivery has been settled. One line per job with its stage times, so
+/// a log pipeline (or `make bench`) can see where each job's time went.
 pub fn job_finished(
     job_id: Option<&str>,
     outcome: Outcome,
     model_version: Option<&str>,
     total: Duration,
+    stages: &Stages,
 ) {
     metrics::counter!("pleura_jobs_total", "outcome" => outcome.as_str()).increment(1);
     metrics::histogram!("pleura_stage_seconds", "stage" => "total").record(total.as_secs_f64());
@@ -72,6 +90,11 @@ pub fn job_finished(
         outcome = outcome.as_str(),
         model_version = model_version.unwrap_or("-"),
         total_ms = total.as_secs_f64() * 1e3,
+        decode_ms = stages.decode_ms,
+        preprocess_ms = stages.preprocess_ms,
+        infer_ms = stages.infer_ms,
+        write_ms = stages.write_ms,
+        ack_ms = stages.ack_ms,
         "job settled"
     );
 }

@@ -42,6 +42,7 @@ impl Stats {
         outcome: Outcome,
         model_version: Option<&str>,
         total: Duration,
+        stages: &events::Stages,
     ) {
         let counter = match outcome {
             Outcome::Ok => &self.ok,
@@ -49,7 +50,7 @@ impl Stats {
             Outcome::Retry => &self.retried,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        events::job_finished(job_id, outcome, model_version, total);
+        events::job_finished(job_id, outcome, model_version, total, stages);
     }
 
     /// A new model is being served.
