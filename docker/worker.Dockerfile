@@ -4,10 +4,12 @@
 # cached between builds):
 #   docker build -f docker/worker.Dockerfile -t pleura/worker:0.1.0 .
 # Or pack binaries built outside, e.g. by `cargo build --release`, with the
-# libonnxruntime.so of `make onnxruntime` (tests do, and it saves a second
-# compile):
+# libonnxruntime.so of `make onnxruntime` copied into the context (tests do,
+# and it saves a second compile):
+#   make onnxruntime && mkdir -p target/onnxruntime \
+#     && cp ~/.cache/pleura/onnxruntime-1.32.0/libonnxruntime.so target/onnxruntime/
 #   docker build -f docker/worker.Dockerfile --target prebuilt \
-#     --build-arg BIN_DIR=target/release --build-arg ORT_LIB=PATH -t pleura/worker:0.1.0 .
+#     --build-arg BIN_DIR=target/release -t pleura/worker:0.1.0 .
 #
 # RUST_IMAGE and RUNTIME_IMAGE choose the bases (a mirror, a pinned digest).
 # The runtime needs glibc 2.36 (bookworm) or newer.
@@ -68,7 +70,7 @@ ENTRYPOINT ["/usr/local/bin/pleura-worker"]
 
 FROM runtime AS prebuilt
 ARG BIN_DIR=target/release
-ARG ORT_LIB=lib/libonnxruntime.so
+ARG ORT_LIB=target/onnxruntime/libonnxruntime.so
 COPY ${ORT_LIB} /opt/pleura/onnxruntime/libonnxruntime.so
 COPY --chmod=0755 ${BIN_DIR}/pleura ${BIN_DIR}/pleura-worker /usr/local/bin/
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Checks the Helm chart and the Dockerfiles for real, as `make test` runs them.
 
-- `helm lint --strict` and `helm template` of every `helm/pleura/ci/*-values.yaml`,
+- `helm lint --strict` and `helm template` of every `helm/pleura/ci/*-values.yaml`
+  and of the values file the README shows,
   under Helm 3 and Helm 4 (both from PyPI wheels, see scripts/tools.sh);
 - `kubernetes-validate --strict` of every rendered built-in object, for the
   oldest and the newest Kubernetes the chart's kubeVersion claims;
@@ -28,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "pleura"
 CI = sorted((CHART / "ci").glob("*-values.yaml"))
 BIN = pathlib.Path(sys.executable).parent
-KUBE_VERSIONS = ["1.26.0", "1.37.0"]  # the chart claims >=1.26; the newest schemas we have
+KUBE_VERSIONS = ["1.26.0", "1.37.0"]  # the oldest the chart claims (kubeVersion >=1.26), the newest schemas we have
 API_VERSIONS = ["keda.sh/v1alpha1/ScaledObject", "monitoring.coreos.com/v1"]
 CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
 
@@ -370,9 +371,20 @@ def schema_is_strict():
 HELM = []
 
 
+def readme_values():
+    """The values file the README shows operators, so that it cannot drift."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    [block] = [b for b in blocks if b.startswith("# values-hospital.yaml")]
+    path = pathlib.Path(tempfile.mkdtemp()) / "readme-values.yaml"
+    path.write_text(block)
+    return path
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
+    CI.append(readme_values())
     HELM.extend([("v3", sys.argv[1]), ("v4", sys.argv[2])])
     for tag, helm in HELM:
         version = sh(helm, "version", "--short").stdout.strip()

@@ -34,7 +34,9 @@ fail() { failed=$((failed + 1)); echo "FAIL  $*"; }
 started_engine=1
 eval "$(scripts/dockerd.sh env)"
 docker version >/dev/null 2>&1 && started_engine=0 || true
-eval "$(scripts/dockerd.sh start)" || { echo "FAIL  the Docker engine could not start (see above)"; echo "images: 0 passed, 1 failed"; exit 1; }
+# `eval "$(cmd)"` would hide cmd's failure: capture first, then eval.
+engine_env=$(scripts/dockerd.sh start) || { echo "FAIL  the Docker engine could not start (see above)"; echo "images: 0 passed, 1 failed"; exit 1; }
+eval "$engine_env"
 scripts/dockerd.sh base-image
 
 work=$(mktemp -d)
@@ -77,7 +79,8 @@ ctx=$(stage worker pleura pleura-worker)
 mkdir -p "$ctx/lib"
 cp "$ORT_LIB" "$ctx/lib/libonnxruntime.so"
 if docker build -q --network none -f docker/worker.Dockerfile --target prebuilt \
-     --build-arg RUNTIME_IMAGE=$BASE --build-arg BIN_DIR=bin -t "$TAG/worker" "$ctx" >/dev/null; then
+     --build-arg RUNTIME_IMAGE=$BASE --build-arg BIN_DIR=bin --build-arg ORT_LIB=lib/libonnxruntime.so \
+     -t "$TAG/worker" "$ctx" >/dev/null; then
   pass "worker image builds ($(image_size "$TAG/worker"))"
 else
   fail "worker image build"

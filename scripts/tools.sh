@@ -45,9 +45,11 @@ docker_engine() {
   [ -f "$stamp" ] && return 0
   local tmp
   tmp=$(mktemp -d)
-  (cd "$tmp" && apt-get download -q docker.io containerd runc tini debootstrap >/dev/null 2>&1) || {
-    echo "tools.sh: apt-get download of docker.io containerd runc tini debootstrap failed" >&2
-    echo "          (needs Debian's package index: run apt-get update)" >&2
+  local pkgs="docker.io containerd runc tini debootstrap"
+  # A fresh machine may have no package index yet: fetch it once and retry.
+  (cd "$tmp" && apt-get download -q $pkgs >/dev/null 2>&1) ||
+    { apt-get update -q >/dev/null 2>&1 && (cd "$tmp" && apt-get download -q $pkgs >/dev/null 2>&1); } || {
+    echo "tools.sh: apt-get download of $pkgs failed, even after apt-get update" >&2
     exit 1
   }
   rm -rf "$dest"

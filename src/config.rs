@@ -435,7 +435,11 @@ mod tests {
                 .map(|l| l.trim().trim_start_matches('#').trim())
                 .filter_map(|l| l.split_once('='))
                 .map(|(k, _)| k.trim().to_string())
-                .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                })
                 .collect()
         }
     }

@@ -174,7 +174,8 @@ mod tests {
         assert_eq!((t.threads, t.images), (2, 20));
         assert!(t.images_per_second > 0.0 && t.p50_ms <= t.p99_ms);
         let ops = profile(engine.tract_graph().unwrap(), &inputs[0], 3).unwrap();
-        assert!(ops.iter().any(|o| o.op.contains("Conv")), "{ops:?}");
+        // tract lowers every convolution to im2col and a matrix product.
+        assert!(ops.iter().any(|o| o.op.contains("MatMul")), "{ops:?}");
         let share: f64 = ops.iter().map(|o| o.share).sum();
         assert!((share - 1.0).abs() < 1e-9);
     }
