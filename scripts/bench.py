@@ -107,7 +107,7 @@ class Bench:
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.env = dict(os.environ, PLEURA_AMQP_URL=AMQP_URL, PLEURA_REDIS_URL=REDIS_URL)
         self.pngs = sorted(
-            os.path.join(d, f)
+            os.path.abspath(os.path.join(d, f))
             for d in (os.path.join(args.data, "cxr", "effusion"), os.path.join(args.data, "cxr", "nofinding"))
             for f in os.listdir(d)
             if f.endswith(".png")
@@ -388,18 +388,37 @@ class Bench:
         return res
 
     # ---- the peer ----------------------------------------------------------
+    @staticmethod
+    def purge_peer_queues():
+        """Empties the peer's fixed queues, which an interrupted run leaves
+        full (peer_bench.py refuses to start on a busy queue)."""
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        try:
+            for queue in ("peer.scans", "peer.dead"):
+                ch = conn.channel()
+                try:
+                    ch.queue_purge(queue)
+                except pika.exceptions.ChannelClosedByBroker:
+                    pass  # not declared yet: nothing to purge
+        finally:
+            conn.close()
+
     def peer_drain(self, cfg, rep):
         tag = f"{cfg['name']}-r{rep}"
         out = os.path.join(self.out, "peer", tag)
         os.makedirs(out)
         model = self.peer_int8 if cfg["precision"] == "int8" else os.path.join(self.fp32, "model.onnx")
         log(f"== {tag}: peer, {cfg['workers']} worker(s) x {cfg['threads']} thread(s), {cfg['precision']}")
+        self.purge_peer_queues()
         self.run(
             [sys.executable, os.path.join(self.a.peer, "peer_bench.py"), "--name", cfg["name"],
              "--workers", str(cfg["workers"]), "--threads", str(cfg["threads"]), "--model", model,
              "-n", str(self.a.n), "--reps", "1", "--max-load", str(self.a.max_load), "--out", out,
              "--data", os.path.join(self.a.data, "cxr")],
             stdout=open(os.path.join(out, "stdout.txt"), "w"),
+            # peer_bench.py waits for every result; a peer worker that died
+            # (see its log beside stdout.txt) would otherwise hang the run.
+            timeout=300 + self.a.n,
         )
         [name] = [f for f in os.listdir(out) if f.endswith(".json") and ".worker" not in f]
         with open(os.path.join(out, name)) as f:
@@ -537,7 +556,8 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.n, a.reps, a.open_loop_s, a.single_scans, a.engine_images = 50, 1, 5, 3, 20
-        a.width, a.image_size, a.calibration_images, a.max_load = 16, 128, 16, 1e9
+        # The peer's worker is fixed at 256² inputs, so only the width shrinks.
+        a.width, a.calibration_images, a.max_load = 16, 16, 1e9
     if not os.path.isdir(os.path.join(a.data, "cxr")):
         log(f"bench: SKIPPED, no real scans at {a.data}/cxr (set PLEURA_DATA)")
         return 0
