@@ -561,6 +561,9 @@ def main():
     if not os.path.isdir(os.path.join(a.data, "cxr")):
         log(f"bench: SKIPPED, no real scans at {a.data}/cxr (set PLEURA_DATA)")
         return 0
+    if not os.path.isfile(os.path.join(a.peer, "peer_bench.py")):
+        log(f"bench: SKIPPED, no peer fleet at {a.peer} (pass --peer)")
+        return 0
     b = Bench(a)
     b.prepare()
     cfgs = configs(a.quick)

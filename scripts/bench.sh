@@ -2,7 +2,7 @@
 # `make bench`: Pleura and the Python peer fleet side by side, in one run, on
 # the real NIH scans (scripts/bench.py says what is measured). Release build.
 #
-#   scripts/bench.sh [bench.py options]   the full benchmark (about 30 min)
+#   scripts/bench.sh [bench.py options]   the full benchmark (about 20 min)
 #   scripts/bench.sh quick                the CI's run: 50 scans, debug build,
 #                                         only to keep the benchmark working
 #
