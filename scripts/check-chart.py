@@ -89,12 +89,12 @@ def env_of(container):
 # --- lint and validation -----------------------------------------------------
 
 
-@check("helm {0} lint --strict {1}")
+@check("helm {0} lint --strict {2}")
 def lint(tag, helm, values):
     sh(helm, "lint", "--strict", CHART, "-f", values, "--set", "skipApiChecks=true")
 
 
-@check("helm {0} template {1}: strict schemas for Kubernetes {2} and {3}")
+@check("helm {0} template {2}: strict schemas for Kubernetes {3} and {4}")
 def validate(tag, helm, values, oldest, newest):
     for kube in (oldest, newest):
         docs = render(helm, values, kube=kube)
