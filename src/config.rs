@@ -49,6 +49,13 @@ pub struct Settings {
     /// Redis URL. Credentials in it are never logged.
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
+    /// File holding the RabbitMQ URL (a mounted Kubernetes Secret); when
+    /// set it replaces `amqp_url`. Surrounding whitespace is ignored.
+    #[serde(default)]
+    pub amqp_url_file: Option<PathBuf>,
+    /// File holding the Redis URL; when set it replaces `redis_url`.
+    #[serde(default)]
+    pub redis_url_file: Option<PathBuf>,
     /// Directory holding `model.onnx` and `model.json`. Pins the worker to this
     /// local model and bypasses the registry.
     #[serde(default)]
@@ -247,9 +254,32 @@ impl Settings {
                 .with_list_parse_key("trusted_keys")
                 .source(Some(env)),
         );
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Replaces each URL whose `*_file` is set by that file's contents.
+    /// Errors name the file, never its contents.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        for (key, file, url) in [
+            ("amqp_url_file", &self.amqp_url_file, &mut self.amqp_url),
+            ("redis_url_file", &self.redis_url_file, &mut self.redis_url),
+        ] {
+            let Some(path) = file else { continue };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Invalid(format!("{key} {}: {e}", path.display())))?;
+            let value = text.trim();
+            if value.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} {} is empty",
+                    path.display()
+                )));
+            }
+            *url = value.to_string();
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -376,6 +406,39 @@ mod tests {
                 doc.contains(key),
                 "pleura.example.toml does not document `{key}`"
             );
+        }
+    }
+
+    #[test]
+    fn urls_come_from_secret_files_whose_contents_never_reach_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let amqp = dir.path().join("amqp-url");
+        let redis = dir.path().join("redis-url");
+        std::fs::write(&amqp, "amqp://u:s3cret@mq:5672/%2f\n").unwrap();
+        std::fs::write(&redis, "  redis://:s3cret@cache:6379/1 ").unwrap();
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("PLEURA_AMQP_URL", "amqp://ignored"),
+                ("PLEURA_AMQP_URL_FILE", amqp.to_str().unwrap()),
+                ("PLEURA_REDIS_URL_FILE", redis.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.amqp_url, "amqp://u:s3cret@mq:5672/%2f");
+        assert_eq!(s.redis_url, "redis://:s3cret@cache:6379/1");
+
+        std::fs::write(&redis, "\n").unwrap();
+        let missing = dir.path().join("absent");
+        for (key, path) in [
+            ("PLEURA_REDIS_URL_FILE", &redis),
+            ("PLEURA_AMQP_URL_FILE", &missing),
+        ] {
+            let err = Settings::load_from(None, env(&[(key, path.to_str().unwrap())]))
+                .unwrap_err()
+                .to_string();
+            let name = key.trim_start_matches("PLEURA_").to_ascii_lowercase();
+            assert!(err.contains(&name) && !err.contains("s3cret"), "{err}");
         }
     }
 

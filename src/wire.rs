@@ -407,7 +407,17 @@ impl ScanResult {
     }
 }
 
+/// Longest accepted correlation header name, prefix included.
+pub const MAX_CORRELATION_NAME: usize = 64;
+
 /// Picks the correlation headers out of a message's string headers.
+///
+/// Headers come from any publisher, so each is bounded before it reaches a
+/// result or a log line: names are `x-pleura-` plus ASCII letters, digits
+/// and `-`/`_`, at most [`MAX_CORRELATION_NAME`] bytes; values are at most
+/// [`MAX_CORRELATION_VALUE`] bytes with no control characters (a newline or
+/// an escape sequence in a value could forge a log line); at most
+/// [`MAX_CORRELATION_HEADERS`] are kept. Anything else is dropped.
 pub fn correlation_headers<'a>(
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> BTreeMap<String, String> {
@@ -415,9 +425,15 @@ pub fn correlation_headers<'a>(
         .into_iter()
         .filter(|(k, _)| {
             let k = k.to_ascii_lowercase();
-            k.starts_with(CORRELATION_PREFIX) && k != HEADER_PRIORITY && k != HEADER_SUBMITTED_MS
+            k.starts_with(CORRELATION_PREFIX)
+                && k.len() > CORRELATION_PREFIX.len()
+                && k.len() <= MAX_CORRELATION_NAME
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && k != HEADER_PRIORITY
+                && k != HEADER_SUBMITTED_MS
         })
-        .filter(|(_, v)| v.len() <= MAX_CORRELATION_VALUE)
+        .filter(|(_, v)| v.len() <= MAX_CORRELATION_VALUE && !v.chars().any(char::is_control))
         .take(MAX_CORRELATION_HEADERS)
         .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
         .collect()
@@ -599,8 +615,16 @@ mod tests {
             ("x-pleura-submitted-ms", "1"),
             ("x-other", "no"),
             ("x-pleura-long", long.as_str()),
+            ("x-pleura-forged", "ok\n2026-12-04 INFO forged line"),
+            ("x-pleura-escape", "\u{1b}[31mred"),
+            ("x-pleura-sp ace", "v"),
+            ("x-pleura-", "empty name"),
+            (
+                &*format!("x-pleura-{}", "n".repeat(MAX_CORRELATION_NAME)),
+                "long name",
+            ),
         ]);
-        assert_eq!(echoed.len(), 2);
+        assert_eq!(echoed.len(), 2, "{echoed:?}");
         assert_eq!(echoed["x-pleura-accession"], "ACC1");
         assert_eq!(echoed["x-pleura-site"], "north");
     }
