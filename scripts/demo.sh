@@ -93,10 +93,11 @@ echo "== submitting ${scans[*]}"
 "$BIN/pleura" submit --wait --timeout 600 "${scans[@]}"
 
 echo "== the int8 variant: calibrated on the training split, measured against its parent"
-# The gate for int8 (AUROC loss <= gate_max_int8_auroc_loss, recall at the
-# threshold unchanged) is what `quantize --publish` applies. It is written
-# here, not published: the demo's workers run tract, and int8 is fast on
-# `engine = "onnxruntime"` (see "Speed" in the README).
+# It prints what the promotion gate will say of it (for int8 also: AUROC
+# loss <= gate_max_int8_auroc_loss, recall at the threshold unchanged), which
+# `quantize --publish` applies. It is written here, not published: the demo's
+# workers run tract, and int8 is fast on `engine = "onnxruntime"` (see
+# "Engines, int8 and speed" in the README).
 "$BIN/pleura-trainer" quantize --model "$DEMO/models/$VERSION" --out "$DEMO/models"
 
 echo "== rollback drill: one command takes the fleet back, and forward again"

@@ -295,7 +295,7 @@ fn main() -> ExitCode {
                     quant.model = exported.dir.clone();
                     match pleura_trainer::quantize::quantize(&quant) {
                         Ok(q) => {
-                            print_quantized(&q);
+                            print_quantized(&q, publish.as_ref().map(|(s, _, _)| s));
                             match &publish {
                                 Some((settings, _, reason)) => {
                                     publish_export(settings, &q.dir, false, reason.clone())
@@ -322,7 +322,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_quantized(q: &QuantizeOutcome) {
+/// Prints what quantising measured, and what the promotion gate will say of
+/// the variant (under `settings`' policy, or the defaults and `PLEURA_*`),
+/// so a variant that would be refused is seen before anyone publishes it.
+fn print_quantized(q: &QuantizeOutcome, settings: Option<&pleura::config::Settings>) {
     let fmt = |x: Option<f64>| x.map(|x| format!("{x:.4}")).unwrap_or_else(|| "n/a".into());
     println!(
         "int8 variant {} calibrated on {} training scans (fingerprint {})",
@@ -349,6 +352,20 @@ fn print_quantized(q: &QuantizeOutcome) {
         q.max_abs_diff, q.verdicts_changed
     );
     println!("wrote {}", q.dir.display());
+    let policy = match settings {
+        Some(s) => Some(s.gate_policy()),
+        None => pleura::config::Settings::load(None)
+            .ok()
+            .map(|s| s.gate_policy()),
+    };
+    if let Some(policy) = policy {
+        let failures = pleura::registry::gate(&q.files.manifest, None, &policy);
+        if failures.is_empty() {
+            println!("promotion gate: passes");
+        } else {
+            println!("promotion gate: would refuse it: {}", failures.join("; "));
+        }
+    }
 }
 
 fn quantize_command(a: QuantizeArgs) -> ExitCode {
@@ -367,7 +384,7 @@ fn quantize_command(a: QuantizeArgs) -> ExitCode {
     cfg.calibration_data = a.calibration_data;
     match pleura_trainer::quantize::quantize(&cfg) {
         Ok(q) => {
-            print_quantized(&q);
+            print_quantized(&q, settings.as_ref());
             match settings {
                 Some(s) => publish_export(&s, &q.dir, false, a.reason),
                 None => ExitCode::SUCCESS,
