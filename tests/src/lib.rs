@@ -340,14 +340,7 @@ impl Fleet {
     /// Starts a worker in this process and waits until it reports ready.
     pub async fn spawn_ready_worker(&self, settings: Settings) -> WorkerHandle {
         let w = self.spawn_worker(settings).await;
-        let addr = w.http;
-        wait_until("worker ready", Duration::from_secs(120), || async move {
-            http_get(addr, "/readyz")
-                .await
-                .map(|(s, _)| s == 200)
-                .unwrap_or(false)
-        })
-        .await;
+        wait_ready(w.http).await;
         w
     }
 
@@ -572,6 +565,18 @@ pub fn url_for_dir(dir: &Path) -> String {
         "file://{}",
         dir.canonicalize().expect("canonical dir").display()
     )
+}
+
+/// Waits (two minutes at most) until the worker serving HTTP on `addr`
+/// answers `/readyz` with 200.
+pub async fn wait_ready(addr: SocketAddr) {
+    wait_until("worker ready", Duration::from_secs(120), || async move {
+        http_get(addr, "/readyz")
+            .await
+            .map(|(s, _)| s == 200)
+            .unwrap_or(false)
+    })
+    .await;
 }
 
 /// A minimal HTTP/1.0 GET, enough for /readyz and /metrics.

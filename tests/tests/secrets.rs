@@ -160,13 +160,7 @@ async fn no_output_of_a_run_carries_the_password() {
         &log,
     );
     let addr: std::net::SocketAddr = http.parse().unwrap();
-    wait_until("worker ready", Duration::from_secs(120), || async move {
-        http_get(addr, "/readyz")
-            .await
-            .map(|(s, _)| s == 200)
-            .unwrap_or(false)
-    })
-    .await;
+    wait_ready(addr).await;
 
     let (_conn, publisher) = fleet.publisher().await;
     let good = format!("good-{}", uuid::Uuid::new_v4().simple());
