@@ -423,8 +423,8 @@ pub fn correlation_headers<'a>(
 ) -> BTreeMap<String, String> {
     headers
         .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
         .filter(|(k, _)| {
-            let k = k.to_ascii_lowercase();
             k.starts_with(CORRELATION_PREFIX)
                 && k.len() > CORRELATION_PREFIX.len()
                 && k.len() <= MAX_CORRELATION_NAME
@@ -435,7 +435,7 @@ pub fn correlation_headers<'a>(
         })
         .filter(|(_, v)| v.len() <= MAX_CORRELATION_VALUE && !v.chars().any(char::is_control))
         .take(MAX_CORRELATION_HEADERS)
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .map(|(k, v)| (k, v.to_string()))
         .collect()
 }
 
