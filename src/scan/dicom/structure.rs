@@ -159,7 +159,8 @@ impl Walker<'_> {
     }
 
     /// Walks data set elements until `end`, an item delimiter (nested data sets) or,
-    /// at the top level, just past the pixel data (where the parser is told to stop).
+    /// at the top level, the first element whose tag sorts after the pixel data
+    /// (where the parser, told to read to the pixel data, stops).
     fn data_set(&mut self, end: usize, depth: u32, top_level: bool) -> Result<(), ScanError> {
         if depth > MAX_DEPTH {
             return Err(corrupt("DICOM sequences nested too deeply"));
@@ -176,6 +177,13 @@ impl Walker<'_> {
                 if top_level {
                     continue; // the parser skips stray delimiters at the top level
                 }
+                return Ok(());
+            }
+            // The parser, told to read to the pixel data, stops at the first top-level
+            // header whose tag sorts after it, having read the header but not the value.
+            // It does not stop at the pixel data itself: an element after it with a lower
+            // or equal tag (a second Pixel Data, say) is read, and so must be checked.
+            if top_level && tag > PIXEL_DATA {
                 return Ok(());
             }
             let (vr, len) = self.header(end)?;
@@ -196,9 +204,6 @@ impl Walker<'_> {
                     self.sequence(Some(value_end), value_end, depth + 1)?;
                 }
                 self.pos = value_end;
-            }
-            if top_level && tag == PIXEL_DATA {
-                return Ok(());
             }
         }
         Ok(())

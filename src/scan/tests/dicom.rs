@@ -196,6 +196,34 @@ fn dicom_lying_lengths_are_rejected_before_parsing() {
     assert_eq!(code_of(decode(&file, &Limits::default())), "corrupt_image");
 }
 
+/// Found by the poison corpus: the parser reads on past the pixel data while tags do
+/// not sort after it, so a second Pixel Data claiming ~4 GiB behind a valid image made
+/// it zero-fill 4 GiB (the length walk used to stop at the first pixel data).
+#[test]
+fn dicom_lying_lengths_after_the_pixel_data_are_rejected() {
+    for tag in [(0x7FE0, 0x0010), (0x0009, 0x0010), (0x7FE0, 0x0008)] {
+        let mut file = SynthDicom::new(2, 2, vec![1, 2, 3, 4]).build();
+        assert!(decode(&file, &Limits::default()).is_ok());
+        let [g0, g1] = u16::to_le_bytes(tag.0);
+        let [e0, e1] = u16::to_le_bytes(tag.1);
+        file.extend_from_slice(&[g0, g1, e0, e1, b'O', b'B', 0, 0, 0xFE, 0xFF, 0xFF, 0xFF]);
+        file.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            decode(&file, &Limits::default()),
+            Err(ScanError::CorruptImage(
+                "DICOM element length exceeds the available data".into()
+            )),
+            "{tag:x?}"
+        );
+    }
+    // Trailing elements that sort after the pixel data (padding, signatures) are never
+    // read, so whatever they claim is harmless.
+    let mut file = SynthDicom::new(2, 2, vec![1, 2, 3, 4]).build();
+    file.extend_from_slice(&[0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0, 0xFE, 0xFF, 0xFF, 0xFF]);
+    file.extend_from_slice(&[0; 8]);
+    assert!(decode(&file, &Limits::default()).is_ok());
+}
+
 #[test]
 fn dicom_sequences_are_walked_not_rejected() {
     // A well-formed defined-length sequence and an undefined-length one ahead of the image.
