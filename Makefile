@@ -7,7 +7,7 @@ VENV := $(PLEURA_CACHE)/venv
 PYTHON := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build test check demo services venv libtorch onnxruntime cuda-libs tools chart-check images-check fmt clippy bench bench-quick
+.PHONY: all build test check demo services venv libtorch onnxruntime cuda-libs tools chart-check images-check fmt clippy bench bench-quick fuzz fuzz-smoke fuzz-seeds fuzz-build
 
 all: build
 
@@ -89,7 +89,7 @@ images-check: services build tools cuda-libs onnxruntime
 build: libtorch
 	$(CARGO) build --workspace --bins
 
-test: services venv libtorch onnxruntime build chart-check images-check bench-quick
+test: services venv libtorch onnxruntime build chart-check images-check bench-quick fuzz-smoke
 	PLEURA_PYTHON=$(PYTHON) PLEURA_ONNXRUNTIME_LIBRARY=$(ORT_LIB) EXPECT_LIBTORCH_CUDA=1 \
 	  $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
@@ -109,6 +109,38 @@ bench: services venv libtorch onnxruntime
 
 bench-quick: services venv libtorch onnxruntime
 	PLEURA_PYTHON=$(PYTHON) PLEURA_ONNXRUNTIME_LIBRARY=$(ORT_LIB) scripts/bench.sh quick
+
+# Fuzzing (fuzz/, its own workspace; README "Fuzzing and the poison corpus").
+# cargo-fuzz on the stable toolchain: `--sanitizer none`, since only
+# AddressSanitizer needs nightly's -Zsanitizer, while libFuzzer's coverage
+# instrumentation (-Cpasses=sancov-module) is stable. Panics are what the
+# targets find; the code is safe Rust. cargo-fuzz, the build, the seeds,
+# the corpora and any crashes live in the cache, outside the work tree.
+CARGO_FUZZ := $(PLEURA_CACHE)/tools/cargo-fuzz/bin/cargo-fuzz
+FUZZ_DIR := $(PLEURA_CACHE)/fuzz
+FUZZ_TARGETS := scan_decode dicom wire manifest_state
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 12
+FUZZ_FLAGS := --sanitizer none --target-dir $(PLEURA_CACHE)/fuzz-target
+FUZZ_RUN := CARGO_FUZZ=$(CARGO_FUZZ) FUZZ_DIR=$(FUZZ_DIR) FUZZ_FLAGS="$(FUZZ_FLAGS)" fuzz/run.sh
+
+$(CARGO_FUZZ):
+	$(CARGO) install cargo-fuzz --version 0.13.2 --locked --root $(PLEURA_CACHE)/tools/cargo-fuzz
+
+fuzz-seeds:
+	$(CARGO) run -q -p pleura-tests --example fuzz_seeds -- $(FUZZ_DIR)/seeds
+
+fuzz-build: $(CARGO_FUZZ)
+	cd fuzz && $(CARGO_FUZZ) build $(FUZZ_FLAGS)
+
+# In `make test`: each target for FUZZ_SMOKE_SECONDS from the seeds and the
+# kept crash inputs, with a fixed seed and a fresh corpus, so it is repeatable.
+fuzz-smoke: fuzz-build fuzz-seeds
+	$(FUZZ_RUN) smoke $(FUZZ_SMOKE_SECONDS) $(FUZZ_TARGETS)
+
+# The long run: FUZZ_SECONDS per target, growing the corpus kept in the cache.
+fuzz: fuzz-build fuzz-seeds
+	$(FUZZ_RUN) corpus $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 demo:
 	@scripts/demo.sh
