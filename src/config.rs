@@ -22,6 +22,9 @@ pub enum ConfigError {
     /// A value parsed but makes no sense.
     #[error("configuration: {0}")]
     Invalid(String),
+    /// A TLS file is missing, unreadable, or not what its setting says.
+    #[error("configuration: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Log output format.
@@ -56,6 +59,35 @@ pub struct Settings {
     /// File holding the Redis URL; when set it replaces `redis_url`.
     #[serde(default)]
     pub redis_url_file: Option<PathBuf>,
+    /// CA bundle (PEM) that RabbitMQ's certificate must chain to, for an
+    /// `amqps://` URL. It replaces the system roots: no other CA is trusted
+    /// for this connection. Unset: the system roots.
+    ///
+    /// TLS settings are per service rather than shared: RabbitMQ and Redis
+    /// are often run (or bought) separately, each with its own CA, and a
+    /// client certificate is an identity on one server (RabbitMQ's EXTERNAL
+    /// login, a Redis ACL user). One CA for both is the same path twice.
+    #[serde(default)]
+    pub amqp_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, leaf first) presented to RabbitMQ. Set
+    /// together with `amqp_tls_key_file`, or not at all.
+    #[serde(default)]
+    pub amqp_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `amqp_tls_cert_file`.
+    #[serde(default)]
+    pub amqp_tls_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that Redis's certificate must chain to, for a
+    /// `rediss://` URL; replaces the system roots. Unset: the system roots.
+    #[serde(default)]
+    pub redis_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, leaf first) presented to Redis (its
+    /// `tls-auth-clients`). Set together with `redis_tls_key_file`, or not
+    /// at all.
+    #[serde(default)]
+    pub redis_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `redis_tls_cert_file`.
+    #[serde(default)]
+    pub redis_tls_key_file: Option<PathBuf>,
     /// Directory holding `model.onnx` and `model.json`. Pins the worker to this
     /// local model and bypasses the registry.
     #[serde(default)]
@@ -284,6 +316,21 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        // TLS files are read now, so a missing or mismatched one stops
+        // start-up instead of failing every connection attempt later; and
+        // TLS files with a plain URL are a mistake that would send
+        // credentials in the clear. Errors show the scheme, never the URL.
+        for (service, tls, url, tls_scheme) in [
+            ("amqp", self.amqp_tls()?, &self.amqp_url, "amqps"),
+            ("redis", self.redis_tls()?, &self.redis_url, "rediss"),
+        ] {
+            let scheme = crate::tls::scheme(url);
+            if tls.is_configured() && scheme != tls_scheme {
+                return bad(format!(
+                    "{service}_tls_* files are set but {service}_url is {scheme}://, not {tls_scheme}://"
+                ));
+            }
+        }
         if self.namespace.is_empty()
             || !self
                 .namespace
@@ -350,6 +397,26 @@ impl Settings {
             kind: self.engine,
             onnxruntime_library: self.onnxruntime_library.clone(),
         }
+    }
+
+    /// RabbitMQ's TLS material (`amqp_tls_*`), read and checked.
+    pub fn amqp_tls(&self) -> Result<crate::tls::ClientTls, ConfigError> {
+        Ok(crate::tls::ClientTls::from_files(&crate::tls::PemFiles {
+            settings: "amqp_tls",
+            ca_file: self.amqp_tls_ca_file.as_deref(),
+            cert_file: self.amqp_tls_cert_file.as_deref(),
+            key_file: self.amqp_tls_key_file.as_deref(),
+        })?)
+    }
+
+    /// Redis's TLS material (`redis_tls_*`), read and checked.
+    pub fn redis_tls(&self) -> Result<crate::tls::ClientTls, ConfigError> {
+        Ok(crate::tls::ClientTls::from_files(&crate::tls::PemFiles {
+            settings: "redis_tls",
+            ca_file: self.redis_tls_ca_file.as_deref(),
+            cert_file: self.redis_tls_cert_file.as_deref(),
+            key_file: self.redis_tls_key_file.as_deref(),
+        })?)
     }
 
     /// Size limits for decoding.
@@ -439,6 +506,59 @@ mod tests {
                 .to_string();
             let name = key.trim_start_matches("PLEURA_").to_ascii_lowercase();
             assert!(err.contains(&name) && !err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_files_are_read_at_load_and_come_in_pairs() {
+        // No TLS settings: TLS URLs trust the system roots.
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("PLEURA_AMQP_URL", "amqps://u:s3cret@mq:5671/%2f"),
+                ("PLEURA_REDIS_URL", "rediss://:s3cret@cache:6380/0"),
+            ]),
+        )
+        .unwrap();
+        assert!(!s.amqp_tls().unwrap().is_configured());
+        assert!(!s.redis_tls().unwrap().is_configured());
+
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("absent.pem");
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "s3cret, not a certificate\n").unwrap();
+        for (pairs, expect) in [
+            // A certificate without its key, and the other way round.
+            (
+                vec![("PLEURA_AMQP_TLS_CERT_FILE", &absent)],
+                vec!["amqp_tls_cert_file is set but amqp_tls_key_file is not"],
+            ),
+            (
+                vec![("PLEURA_REDIS_TLS_KEY_FILE", &absent)],
+                vec!["redis_tls_key_file is set but redis_tls_cert_file is not"],
+            ),
+            // A file that is not there, or holds no certificate.
+            (
+                vec![("PLEURA_REDIS_TLS_CA_FILE", &absent)],
+                vec!["redis_tls_ca_file", "absent.pem"],
+            ),
+            (
+                vec![("PLEURA_AMQP_TLS_CA_FILE", &not_pem)],
+                vec!["amqp_tls_ca_file", "not.pem", "no PEM certificate"],
+            ),
+        ] {
+            let mut vars: Vec<(&str, &str)> = vec![
+                ("PLEURA_AMQP_URL", "amqps://u:s3cret@mq:5671/%2f"),
+                ("PLEURA_REDIS_URL", "rediss://:s3cret@cache:6380/0"),
+            ];
+            vars.extend(pairs.iter().map(|(k, p)| (*k, p.to_str().unwrap())));
+            let err = Settings::load_from(None, env(&vars)).unwrap_err();
+            assert!(matches!(err, ConfigError::Tls(_)), "{err:?}");
+            let err = err.to_string();
+            for e in expect {
+                assert!(err.contains(e), "{err:?} should say {e:?}");
+            }
+            assert!(!err.contains("s3cret"), "{err}");
         }
     }
 

@@ -21,11 +21,13 @@
 //!   write-once results, heartbeats.
 //! - [`config`]: [`config::Settings`], from defaults, file and `PLEURA_*` env.
 //! - [`telemetry`]: logging set-up and credential redaction.
+//! - [`tls`]: TLS to RabbitMQ and Redis (rustls): the CA bundle and client
+//!   certificate of each, read from PEM files.
 //! - [`time`]: epoch milliseconds and RFC 3339, the one way each is made.
 //! - [`cli`]: the `pleura` command line. Nothing else in the crate uses it.
 //!
-//! Lower layers never import higher ones: `wire`, `time` and `scan` sit at
-//! the bottom; `model` uses `scan`; `registry` and `fleet` use `model`;
+//! Lower layers never import higher ones: `wire`, `time`, `tls` and `scan`
+//! sit at the bottom; `model` uses `scan`; `registry` and `fleet` use `model`;
 //! `config` maps settings onto their types; only `cli` reads everything.
 
 pub mod cli;
@@ -36,4 +38,5 @@ pub mod registry;
 pub mod scan;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod wire;

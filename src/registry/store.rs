@@ -51,8 +51,8 @@ impl ArtifactStore {
             "s3" => {
                 // object_store's HTTP client speaks TLS through rustls with
                 // whichever provider the process installed; we build with
-                // ring only. Installing twice is harmless (the first wins).
-                let _ = rustls::crypto::ring::default_provider().install_default();
+                // ring only.
+                crate::tls::install_crypto_provider();
                 let bucket = parsed
                     .host_str()
                     .filter(|b| !b.is_empty())
