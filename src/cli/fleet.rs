@@ -39,7 +39,11 @@ pub(super) async fn run(settings: &Settings, cmd: FleetCommand) -> Result<ExitCo
         } => (json, require_ready),
         FleetCommand::Teardown { confirm } => return teardown(settings, &confirm).await,
     };
-    let client = redis::Client::open(settings.redis_url.as_str()).map_err(failed)?;
+    let client = settings
+        .redis_tls()
+        .map_err(super::config_error)?
+        .redis_client(&settings.redis_url)
+        .map_err(failed)?;
     let mut redis = redis::aio::ConnectionManager::new(client)
         .await
         .map_err(failed)?;
@@ -123,9 +127,15 @@ async fn teardown(settings: &Settings, confirm: &str) -> Result<ExitCode, CliErr
             names.namespace()
         )));
     }
-    crate::fleet::teardown::delete_namespace(&settings.amqp_url, &settings.redis_url, &names)
-        .await
-        .map_err(failed)?;
+    crate::fleet::teardown::delete_namespace_with_tls(
+        &settings.amqp_url,
+        &settings.amqp_tls().map_err(super::config_error)?,
+        &settings.redis_url,
+        &settings.redis_tls().map_err(super::config_error)?,
+        &names,
+    )
+    .await
+    .map_err(failed)?;
     eprintln!("deleted namespace {}", names.namespace());
     Ok(ExitCode::SUCCESS)
 }

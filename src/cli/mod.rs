@@ -124,10 +124,16 @@ pub(crate) fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::Failed(e.to_string())
 }
 
+/// A configuration error (a TLS file gone since start-up): exit 2.
+pub(crate) fn config_error(e: crate::config::ConfigError) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
 /// The configured registry (`redis_url`, `namespace`, `registry_url`).
 async fn open_registry(settings: &Settings) -> Result<Registry, CliError> {
-    Registry::connect(
+    Registry::connect_with_tls(
         &settings.redis_url,
+        &settings.redis_tls().map_err(config_error)?,
         settings.names(),
         &settings.registry_url,
     )
@@ -136,14 +142,16 @@ async fn open_registry(settings: &Settings) -> Result<Registry, CliError> {
 }
 
 /// Announces activations to the configured fleet.
-fn announcer(settings: &Settings) -> Announcer {
-    Announcer::new(&settings.amqp_url, settings.names())
+fn announcer(settings: &Settings) -> Result<Announcer, CliError> {
+    Ok(Announcer::new(&settings.amqp_url, settings.names())
+        .with_tls(settings.amqp_tls().map_err(config_error)?))
 }
 
 /// The configured result store.
 async fn result_store(settings: &Settings) -> Result<ResultStore, CliError> {
-    ResultStore::connect(
+    ResultStore::connect_with_tls(
         &settings.redis_url,
+        &settings.redis_tls().map_err(config_error)?,
         settings.names(),
         settings.result_ttl_secs,
         settings.results_stream_maxlen,

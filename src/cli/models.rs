@@ -122,7 +122,7 @@ pub(super) async fn run(settings: &Settings, cmd: ModelsCommand) -> Result<ExitC
             let registry = open_registry(settings).await?;
             let publication = registry::publish(
                 &registry,
-                &announcer(settings),
+                &announcer(settings)?,
                 &settings.gate_policy(),
                 &request,
             )
@@ -138,7 +138,7 @@ pub(super) async fn run(settings: &Settings, cmd: ModelsCommand) -> Result<ExitC
             let registry = open_registry(settings).await?;
             let promotion = registry::activate(
                 &registry,
-                &announcer(settings),
+                &announcer(settings)?,
                 &version,
                 &reason,
                 &registry::who(),

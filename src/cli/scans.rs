@@ -42,7 +42,8 @@ pub(super) async fn submit(settings: &Settings, args: SubmitArgs) -> Result<Exit
             "no scans found (.png .jpg .jpeg .dcm)".into(),
         ));
     }
-    let conn = broker::connect(&settings.amqp_url, "pleura-cli")
+    let tls = settings.amqp_tls().map_err(super::config_error)?;
+    let conn = broker::connect_with_tls(&settings.amqp_url, "pleura-cli", &tls)
         .await
         .map_err(failed)?;
     let publisher = Publisher::new(&conn, settings.names(), settings.delivery_limit)

@@ -17,6 +17,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 use super::broker::{self, BrokerError};
+use crate::tls::ClientTls;
 use crate::wire::{Activation, ModelAnnouncement, Names, REGISTRY_SCHEMA_VERSION};
 
 /// How long an announcement may take before the publisher stops waiting.
@@ -115,18 +116,27 @@ pub async fn announce_model(
 #[derive(Debug, Clone)]
 pub struct Announcer {
     amqp_url: String,
+    tls: ClientTls,
     names: Names,
     timeout: Duration,
 }
 
 impl Announcer {
-    /// An announcer for the fleet of `names` on the broker at `amqp_url`.
+    /// An announcer for the fleet of `names` on the broker at `amqp_url`
+    /// (an `amqps://` URL trusts the system roots; see
+    /// [`Announcer::with_tls`]).
     pub fn new(amqp_url: &str, names: Names) -> Announcer {
         Announcer {
             amqp_url: amqp_url.to_string(),
+            tls: ClientTls::default(),
             names,
             timeout: ANNOUNCE_TIMEOUT,
         }
+    }
+
+    /// The same announcer, connecting with `tls` for an `amqps://` URL.
+    pub fn with_tls(self, tls: ClientTls) -> Announcer {
+        Announcer { tls, ..self }
     }
 
     /// Announces `activation`, waiting for the broker's confirmation at most
@@ -138,7 +148,8 @@ impl Announcer {
             at: activation.at.clone(),
         };
         let sent = tokio::time::timeout(self.timeout, async {
-            let conn = broker::connect(&self.amqp_url, "pleura-announce").await?;
+            let conn =
+                broker::connect_with_tls(&self.amqp_url, "pleura-announce", &self.tls).await?;
             let sent = announce_model(&conn, &self.names, &announcement).await;
             let _ = conn.close(200, "announced".into()).await;
             sent

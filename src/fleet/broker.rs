@@ -24,6 +24,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::time;
+use crate::tls::ClientTls;
 use crate::wire::{Names, Priority, HEADER_PRIORITY, HEADER_SUBMITTED_MS};
 
 /// Deliveries of one scan before the broker dead-letters it (the quorum
@@ -49,12 +50,38 @@ pub enum BrokerError {
 }
 
 /// Opens a connection that recovers by itself (connection, channels,
-/// topology and consumers) after a network failure.
+/// topology and consumers) after a network failure. An `amqps://` URL
+/// trusts the system roots and presents no client certificate; see
+/// [`connect_with_tls`] for a CA bundle or a client certificate.
 pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, BrokerError> {
+    connect_with_tls(url, connection_name, &ClientTls::default()).await
+}
+
+/// Like [`connect`], with `tls` for an `amqps://` URL (ignored for
+/// `amqp://`). A refused certificate is an [`BrokerError::Amqp`] whose
+/// message says why (for example `invalid peer certificate: UnknownIssuer`).
+pub async fn connect_with_tls(
+    url: &str,
+    connection_name: &str,
+    tls: &ClientTls,
+) -> Result<Connection, BrokerError> {
+    let config = tls.amqp_config(url);
+    let runtime = lapin::runtime::default_runtime()?;
+    if crate::tls::scheme(url) == "amqps" {
+        // With auto-recovery on, lapin retries a failed first connection
+        // itself (16 attempts, backing off to a minute) whatever the error,
+        // so a certificate the broker or we refuse would surface only after
+        // many minutes. A refusal does not pass by retrying: one attempt
+        // without recovery surfaces it at once, then closes.
+        let probe = ConnectionProperties::default().with_connection_name(connection_name.into());
+        let checked =
+            Connection::connect_with_config(url, probe, config.clone(), runtime.clone()).await?;
+        let _ = checked.close(200, "tls checked".into()).await;
+    }
     let props = ConnectionProperties::default()
         .with_connection_name(connection_name.into())
         .enable_auto_recover();
-    Ok(Connection::connect(url, props).await?)
+    Ok(Connection::connect_with_config(url, props, config, runtime).await?)
 }
 
 /// Declares exchanges, queues and bindings of the fleet. Idempotent.

@@ -13,6 +13,7 @@ use redis::AsyncCommands;
 
 use tokio::time::Instant;
 
+use crate::tls::ClientTls;
 use crate::wire::{Names, ScanResult};
 
 /// Results asked for in one `MGET` while waiting.
@@ -67,14 +68,26 @@ pub struct ResultStore {
 
 impl ResultStore {
     /// Connects with a [`ConnectionManager`], which reconnects in the
-    /// background after Redis goes away.
+    /// background after Redis goes away. A `rediss://` URL trusts the system
+    /// roots; see [`ResultStore::connect_with_tls`].
     pub async fn connect(
         url: &str,
         names: Names,
         ttl_secs: u64,
         stream_maxlen: u64,
     ) -> Result<ResultStore, ResultsError> {
-        let client = redis::Client::open(url)?;
+        Self::connect_with_tls(url, &ClientTls::default(), names, ttl_secs, stream_maxlen).await
+    }
+
+    /// Like [`ResultStore::connect`], with `tls` for a `rediss://` URL.
+    pub async fn connect_with_tls(
+        url: &str,
+        tls: &ClientTls,
+        names: Names,
+        ttl_secs: u64,
+        stream_maxlen: u64,
+    ) -> Result<ResultStore, ResultsError> {
+        let client = tls.redis_client(url)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))

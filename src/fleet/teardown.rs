@@ -6,6 +6,7 @@ use lapin::Channel;
 use redis::AsyncCommands;
 
 use super::broker::{self, BrokerError};
+use crate::tls::ClientTls;
 use crate::wire::Names;
 
 /// Keys deleted per `DEL` while sweeping a namespace.
@@ -68,13 +69,26 @@ pub async fn delete_keys(
 
 /// Deletes a whole fleet: its broker topology and its Redis keys. Both are
 /// attempted whatever becomes of the other; the first error is returned.
+/// TLS URLs trust the system roots; see [`delete_namespace_with_tls`].
 pub async fn delete_namespace(
     amqp_url: &str,
     redis_url: &str,
     names: &Names,
 ) -> Result<(), TeardownError> {
+    let none = ClientTls::default();
+    delete_namespace_with_tls(amqp_url, &none, redis_url, &none, names).await
+}
+
+/// Like [`delete_namespace`], with each service's URL and TLS material.
+pub async fn delete_namespace_with_tls(
+    amqp_url: &str,
+    amqp_tls: &ClientTls,
+    redis_url: &str,
+    redis_tls: &ClientTls,
+    names: &Names,
+) -> Result<(), TeardownError> {
     let topology = async {
-        let conn = broker::connect(amqp_url, "pleura-teardown").await?;
+        let conn = broker::connect_with_tls(amqp_url, "pleura-teardown", amqp_tls).await?;
         let channel = conn.create_channel().await.map_err(BrokerError::from)?;
         let deleted = delete_topology(&channel, names).await;
         let _ = conn.close(200, "torn down".into()).await;
@@ -82,7 +96,7 @@ pub async fn delete_namespace(
     }
     .await;
     let keys = async {
-        let client = redis::Client::open(redis_url)?;
+        let client = redis_tls.redis_client(redis_url)?;
         let mut redis = client.get_multiplexed_async_connection().await?;
         delete_keys(&mut redis, names).await
     }

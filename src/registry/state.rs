@@ -19,6 +19,7 @@ use super::store::ArtifactStore;
 use crate::model::manifest::sha256_hex;
 use crate::model::ModelFiles;
 use crate::time;
+use crate::tls::ClientTls;
 use crate::wire::{
     Activation, GateOutcome, Names, RegistryEntry, ReloadFailure, REGISTRY_SCHEMA_VERSION,
 };
@@ -108,14 +109,25 @@ impl Registry {
         }
     }
 
-    /// Connects to Redis and opens the artifact store.
+    /// Connects to Redis and opens the artifact store. A `rediss://` URL
+    /// trusts the system roots; see [`Registry::connect_with_tls`].
     pub async fn connect(
         redis_url: &str,
         names: Names,
         registry_url: &str,
     ) -> Result<Registry, RegistryError> {
+        Self::connect_with_tls(redis_url, &ClientTls::default(), names, registry_url).await
+    }
+
+    /// Like [`Registry::connect`], with `redis_tls` for a `rediss://` URL.
+    pub async fn connect_with_tls(
+        redis_url: &str,
+        redis_tls: &ClientTls,
+        names: Names,
+        registry_url: &str,
+    ) -> Result<Registry, RegistryError> {
         let store = ArtifactStore::open(registry_url)?;
-        let client = redis::Client::open(redis_url)?;
+        let client = redis_tls.redis_client(redis_url)?;
         let redis = ConnectionManager::new(client).await?;
         Ok(Registry::new(redis, names, store))
     }

@@ -460,14 +460,23 @@ fn publish_export(
         activate: true,
         by: registry::who(),
     };
+    let (amqp_tls, redis_tls) = match (settings.amqp_tls(), settings.redis_tls()) {
+        (Ok(amqp), Ok(redis)) => (amqp, redis),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("pleura-trainer: the model was exported but not published: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let published = runtime.block_on(async {
-        let registry = Registry::connect(
+        let registry = Registry::connect_with_tls(
             &settings.redis_url,
+            &redis_tls,
             settings.names(),
             &settings.registry_url,
         )
         .await?;
-        let announcer = pleura::fleet::Announcer::new(&settings.amqp_url, settings.names());
+        let announcer =
+            pleura::fleet::Announcer::new(&settings.amqp_url, settings.names()).with_tls(amqp_tls);
         registry::publish(&registry, &announcer, &settings.gate_policy(), &request).await
     });
     match published {

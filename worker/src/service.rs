@@ -22,10 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::Connection;
-use pleura::config::Settings;
+use pleura::config::{ConfigError, Settings};
 use pleura::fleet::{broker, ResultStore};
 use pleura::model::{Engine, InferencePool};
 use pleura::registry::{ArtifactStore, Registry, Trust};
+use pleura::tls::ClientTls;
 use pleura::wire::Names;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -96,11 +97,21 @@ impl Service {
     ) -> Result<Option<Service>, WorkerError> {
         let worker_id = settings.resolved_worker_id();
         let names = settings.names();
+        // Read once, before the retry loops: a TLS file that went missing
+        // since the settings were checked will not come back by retrying.
+        let tls = |read: Result<ClientTls, ConfigError>| {
+            read.map_err(|e| match e {
+                ConfigError::Tls(e) => WorkerError::Config(e.to_string()),
+                other => WorkerError::Config(other.to_string()),
+            })
+        };
+        let (amqp_tls, redis_tls) = (tls(settings.amqp_tls())?, tls(settings.redis_tls())?);
         let source = model_source(&settings, &health).await?;
 
         let Some(results) = connect("redis", &stop, || {
-            ResultStore::connect(
+            ResultStore::connect_with_tls(
                 &settings.redis_url,
+                &redis_tls,
                 names.clone(),
                 settings.result_ttl_secs,
                 settings.results_stream_maxlen,
@@ -121,7 +132,7 @@ impl Service {
         };
 
         let Some(conn) = connect("rabbitmq", &stop, || {
-            broker::connect(&settings.amqp_url, &worker_id)
+            broker::connect_with_tls(&settings.amqp_url, &worker_id, &amqp_tls)
         })
         .await
         else {
