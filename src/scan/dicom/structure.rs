@@ -26,6 +26,21 @@ const SHORT_VRS: [&[u8; 2]; 21] = [
     b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
 ];
 
+/// The size of one value of a numeric VR (1 for every other VR). The parser reads
+/// `length / size` whole values of a numeric element but moves its position by the
+/// full length, so a remainder leaves it reading the next header a few bytes early:
+/// a header this walk never saw, with whatever length those bytes spell (the poison
+/// fuzzer found a 2.6 GB allocation that way). Such a length breaks the standard
+/// anyway (PS3.5 6.2), so it is refused.
+fn numeric_size(vr: &[u8; 2]) -> u32 {
+    match vr {
+        b"US" | b"SS" | b"OW" => 2,
+        b"UL" | b"SL" | b"FL" | b"OF" | b"OL" | b"AT" => 4,
+        b"FD" | b"OD" | b"SV" | b"UV" | b"OV" => 8,
+        _ => 1,
+    }
+}
+
 /// What the walk learned about the stream.
 #[derive(Debug)]
 pub(super) struct Layout {
@@ -195,6 +210,9 @@ impl Walker<'_> {
                     self.sequence(None, end, depth + 1)?;
                 }
             } else {
+                if vr.is_some_and(|vr| len % numeric_size(&vr) != 0) {
+                    return Err(corrupt("DICOM numeric value length is not a multiple of its size"));
+                }
                 let len = len as usize;
                 if len > end - self.pos {
                     return Err(too_long());

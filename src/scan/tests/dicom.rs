@@ -224,6 +224,26 @@ fn dicom_lying_lengths_after_the_pixel_data_are_rejected() {
     assert!(decode(&file, &Limits::default()).is_ok());
 }
 
+/// Found by fuzzing (fuzz/regressions/dicom/oom-b0ad57d4...): the parser reads whole
+/// values of a numeric element but advances by its full length, so an odd-length US
+/// left it one byte behind, reading a header the length walk never saw, whose 2.6 GB
+/// length it then allocated. Numeric lengths must be multiples of the value size.
+#[test]
+fn dicom_numeric_lengths_must_be_whole_values() {
+    for (vr, len) in [(b"US", 3usize), (b"UL", 6), (b"FD", 12), (b"OW", 5)] {
+        let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+        element(&mut dcm.extra, (0x0009, 0x1010), vr, &vec![0; len]);
+        assert_eq!(
+            decode(&dcm.build(), &Limits::default()),
+            Err(ScanError::CorruptImage(
+                "DICOM numeric value length is not a multiple of its size".into()
+            )),
+            "{}",
+            String::from_utf8_lossy(vr)
+        );
+    }
+}
+
 #[test]
 fn dicom_sequences_are_walked_not_rejected() {
     // A well-formed defined-length sequence and an undefined-length one ahead of the image.
