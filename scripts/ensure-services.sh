@@ -41,4 +41,11 @@ if ! port_open "$AMQP_PORT"; then
   # The port opens before the broker accepts work; wait for it properly.
   command -v rabbitmqctl >/dev/null && timeout 60 rabbitmqctl await_startup >/dev/null 2>&1 || true
 fi
+# The broker refuses any message bigger than a worker would read (64 MiB,
+# `scan::DEFAULT_MAX_BYTES`), so a hostile publisher cannot park gigabytes on
+# the queues. Production brokers set `max_message_size` in rabbitmq.conf;
+# here it is set on the running node.
+if command -v rabbitmqctl >/dev/null; then
+  timeout 30 rabbitmqctl eval 'application:set_env(rabbit, max_message_size, 67108864).' >/dev/null 2>&1 || true
+fi
 echo "services: redis :$REDIS_PORT and rabbitmq :$AMQP_PORT are up"

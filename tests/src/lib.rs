@@ -117,6 +117,8 @@ pub struct Fleet {
     pub names: Names,
     /// Directory of the model the workers serve.
     pub model_dir: PathBuf,
+    /// The Redis this fleet writes to: the shared one, or a test's own.
+    pub redis: String,
     tmp: tempfile::TempDir,
 }
 
@@ -151,6 +153,11 @@ pub fn model_variant(seed: u64, width: i64) -> ModelFiles {
 impl Fleet {
     /// A fresh namespace with a deterministic untrained model of `width`.
     pub fn new(tag: &str, width: i64) -> Fleet {
+        Fleet::with_redis(tag, width, redis_url())
+    }
+
+    /// As [`Fleet::new`], on the Redis at `redis` (a test's own server).
+    pub fn with_redis(tag: &str, width: i64, redis: String) -> Fleet {
         let ns = format!(
             "t-{tag}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -168,6 +175,7 @@ impl Fleet {
         Fleet {
             names: Names::new(ns),
             model_dir,
+            redis,
             tmp,
         }
     }
@@ -199,7 +207,7 @@ impl Fleet {
 
     /// This fleet's registry.
     pub async fn registry(&self) -> Registry {
-        Registry::connect(&redis_url(), self.names.clone(), &self.registry_url())
+        Registry::connect(&self.redis, self.names.clone(), &self.registry_url())
             .await
             .expect("open the registry")
     }
@@ -297,7 +305,7 @@ impl Fleet {
         Settings {
             namespace: self.names.namespace().to_string(),
             amqp_url: amqp_url(),
-            redis_url: redis_url(),
+            redis_url: self.redis.clone(),
             model_dir: Some(self.model_dir.clone()),
             http_addr: "127.0.0.1:0".into(),
             shutdown_grace_secs: 30,
@@ -313,7 +321,7 @@ impl Fleet {
                 self.names.namespace().to_string(),
             ),
             ("PLEURA_AMQP_URL".into(), amqp_url()),
-            ("PLEURA_REDIS_URL".into(), redis_url()),
+            ("PLEURA_REDIS_URL".into(), self.redis.clone()),
             ("PLEURA_HTTP_ADDR".into(), "127.0.0.1:0".into()),
         ]
     }
@@ -369,7 +377,7 @@ impl Fleet {
 
     /// The result store of this fleet.
     pub async fn store(&self) -> ResultStore {
-        ResultStore::connect(&redis_url(), self.names.clone(), 3600, 100_000)
+        ResultStore::connect(&self.redis, self.names.clone(), 3600, 100_000)
             .await
             .expect("connect to Redis")
     }
@@ -472,10 +480,9 @@ impl Fleet {
         out
     }
 
-    fn cleanup(names: Names) -> BoxFuture<'static, ()> {
+    fn cleanup(names: Names, redis: String) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let _ =
-                pleura::fleet::teardown::delete_namespace(&amqp_url(), &redis_url(), &names).await;
+            let _ = pleura::fleet::teardown::delete_namespace(&amqp_url(), &redis, &names).await;
         })
     }
 }
@@ -485,6 +492,7 @@ impl Drop for Fleet {
         // Drop can't await, and may run inside a runtime: clean up on a thread
         // with a runtime of its own.
         let names = self.names.clone();
+        let redis = self.redis.clone();
         let _ = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -492,7 +500,7 @@ impl Drop for Fleet {
             {
                 rt.block_on(async {
                     let _ =
-                        tokio::time::timeout(Duration::from_secs(10), Fleet::cleanup(names)).await;
+                        tokio::time::timeout(Duration::from_secs(10), Fleet::cleanup(names, redis)).await;
                 });
             }
         })

@@ -90,6 +90,9 @@ pub(crate) struct Health {
     channel: OnceLock<Channel>,
     /// The model being served.
     model: ModelSlot,
+    /// Whether Redis takes result writes, as the job tasks last found it
+    /// (set once intake starts).
+    results: OnceLock<tokio::sync::watch::Receiver<bool>>,
     stopping: AtomicBool,
     /// Serving a local `model_dir` instead of following the registry.
     pinned: bool,
@@ -103,6 +106,7 @@ impl Health {
         Health {
             channel: OnceLock::new(),
             model: empty_slot(),
+            results: OnceLock::new(),
             stopping: AtomicBool::new(false),
             pinned,
             started_at: pleura::time::now_rfc3339(),
@@ -119,6 +123,18 @@ impl Health {
     /// is connected.
     pub(crate) fn set_channel(&self, channel: Channel) {
         let _ = self.channel.set(channel);
+    }
+
+    /// Follows whether Redis takes result writes.
+    pub(crate) fn watch_results(&self, writable: tokio::sync::watch::Receiver<bool>) {
+        let _ = self.results.set(writable);
+    }
+
+    /// Whether the last result write succeeded (true before the first). A
+    /// worker whose results cannot be written takes no jobs, so it is not
+    /// ready, though it stays alive: Redis coming back is enough to resume.
+    pub(crate) fn results_writable(&self) -> bool {
+        self.results.get().is_none_or(|w| *w.borrow())
     }
 
     pub(crate) fn broker_connected(&self) -> bool {

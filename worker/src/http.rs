@@ -69,12 +69,14 @@ async fn serve(
 
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
     let (broker, model) = (s.health.broker_connected(), s.health.model_version());
+    let results = s.health.results_writable();
     let body = format!(
-        "broker: {}\nmodel: {}\n",
+        "broker: {}\nresults: {}\nmodel: {}\n",
         if broker { "connected" } else { "disconnected" },
+        if results { "writable" } else { "refused" },
         model.as_deref().unwrap_or("none")
     );
-    if broker && model.is_some() && !s.health.stopping() {
+    if broker && results && model.is_some() && !s.health.stopping() {
         (StatusCode::OK, body)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body)

@@ -187,6 +187,7 @@ impl Service {
     /// Takes jobs until the stop, then shuts down in order.
     pub(crate) async fn run(self) -> Result<(), WorkerError> {
         let (redis_ok, redis_ok_rx) = watch::channel(true);
+        self.health.watch_results(redis_ok_rx.clone());
         let handler = Arc::new(Handler {
             worker_id: self.worker_id.clone(),
             health: self.health.clone(),
