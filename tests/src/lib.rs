@@ -5,6 +5,8 @@
 //! come from `PLEURA_AMQP_URL` / `PLEURA_REDIS_URL` with localhost defaults.
 //! Every wait is bounded by a timeout; nothing sleeps a fixed time and hopes.
 
+pub mod poison;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
