@@ -211,7 +211,9 @@ impl Walker<'_> {
                 }
             } else {
                 if vr.is_some_and(|vr| len % numeric_size(&vr) != 0) {
-                    return Err(corrupt("DICOM numeric value length is not a multiple of its size"));
+                    return Err(corrupt(
+                        "DICOM numeric value length is not a multiple of its size",
+                    ));
                 }
                 let len = len as usize;
                 if len > end - self.pos {

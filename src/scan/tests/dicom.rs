@@ -219,7 +219,9 @@ fn dicom_lying_lengths_after_the_pixel_data_are_rejected() {
     // Trailing elements that sort after the pixel data (padding, signatures) are never
     // read, so whatever they claim is harmless.
     let mut file = SynthDicom::new(2, 2, vec![1, 2, 3, 4]).build();
-    file.extend_from_slice(&[0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0, 0xFE, 0xFF, 0xFF, 0xFF]);
+    file.extend_from_slice(&[
+        0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0, 0xFE, 0xFF, 0xFF, 0xFF,
+    ]);
     file.extend_from_slice(&[0; 8]);
     assert!(decode(&file, &Limits::default()).is_ok());
 }
