@@ -9,7 +9,9 @@
 
 use super::syntax::{classify_transfer_syntax, PixelCodec};
 use crate::scan::error::{corrupt, ScanError};
-use crate::scan::format::DICOM_META_GROUP_LENGTH_HEADER;
+use crate::scan::format::{DICOM_MAGIC, DICOM_META_GROUP_LENGTH_HEADER};
+use dicom_object::file::ReadPreamble;
+use dicom_object::{OpenFileOptions, Tag};
 
 const UNDEFINED_LENGTH: u32 = 0xFFFF_FFFF;
 const ITEM: (u16, u16) = (0xFFFE, 0xE000);
@@ -41,6 +43,23 @@ fn numeric_size(vr: &[u8; 2]) -> u32 {
     }
 }
 
+/// The VR the parser gives `tag` in an implicit VR data set (its dictionary's),
+/// found by letting it parse a zero-length `tag` behind the file's own meta group.
+fn dictionary_vr(meta: &[u8], tag: (u16, u16)) -> Option<[u8; 2]> {
+    let mut stream = Vec::with_capacity(DICOM_MAGIC.len() + meta.len() + 8);
+    stream.extend_from_slice(DICOM_MAGIC);
+    stream.extend_from_slice(meta);
+    stream.extend_from_slice(&tag.0.to_le_bytes());
+    stream.extend_from_slice(&tag.1.to_le_bytes());
+    stream.extend_from_slice(&0u32.to_le_bytes());
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .from_reader(&stream[..])
+        .ok()?;
+    let vr = obj.element(Tag(tag.0, tag.1)).ok()?.vr();
+    Some(vr.to_bytes())
+}
+
 /// What the walk learned about the stream.
 #[derive(Debug)]
 pub(super) struct Layout {
@@ -58,6 +77,7 @@ pub(super) fn check(body: &[u8]) -> Result<Layout, ScanError> {
     // group length, which is how the parser finds where the data set starts.
     let mut meta = Walker {
         buf: body,
+        meta: &[],
         pos: 0,
         explicit_vr: true,
         big_endian: false,
@@ -94,6 +114,7 @@ pub(super) fn check(body: &[u8]) -> Result<Layout, ScanError> {
     let (encoding, codec) = classify_transfer_syntax(&transfer_syntax)?;
     let mut walker = Walker {
         buf: body,
+        meta: &body[..meta_end],
         pos: meta_end,
         explicit_vr: encoding.explicit_vr,
         big_endian: encoding.big_endian,
@@ -104,6 +125,9 @@ pub(super) fn check(body: &[u8]) -> Result<Layout, ScanError> {
 
 struct Walker<'a> {
     buf: &'a [u8],
+    /// The file meta group (group length included), for asking the parser's
+    /// dictionary what an implicit VR element is.
+    meta: &'a [u8],
     pos: usize,
     explicit_vr: bool,
     big_endian: bool,
@@ -210,7 +234,13 @@ impl Walker<'_> {
                     self.sequence(None, end, depth + 1)?;
                 }
             } else {
-                if vr.is_some_and(|vr| len % numeric_size(&vr) != 0) {
+                // Implicit VR: the parser takes the VR from its dictionary, so ask it,
+                // but only when the length could matter (no value size divides it).
+                let numeric_vr = match vr {
+                    None if len % 8 != 0 => dictionary_vr(self.meta, tag),
+                    vr => vr,
+                };
+                if numeric_vr.is_some_and(|vr| len % numeric_size(&vr) != 0) {
                     return Err(corrupt(
                         "DICOM numeric value length is not a multiple of its size",
                     ));

@@ -246,6 +246,29 @@ fn dicom_numeric_lengths_must_be_whole_values() {
     }
 }
 
+/// The same desynchronisation in implicit VR, where the parser takes the VR from its
+/// dictionary: a group length (UL) of 6 bytes leaves it two bytes behind, where the
+/// value's tail and the next header spell (0028,0102) with a 256 MiB length, while the
+/// aligned walk sees a harmless 4 KiB element.
+#[test]
+fn dicom_implicit_numeric_lengths_must_be_whole_values() {
+    let mut file = dicom_header(uids::IMPLICIT_VR_LITTLE_ENDIAN);
+    file.extend_from_slice(&[0x28, 0x00, 0x00, 0x00, 6, 0, 0, 0]);
+    file.extend_from_slice(&[0, 0, 0, 0, 0x28, 0x00]);
+    file.extend_from_slice(&[0x02, 0x01, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00]);
+    file.extend_from_slice(&[0; 0x1000]);
+    assert_eq!(
+        decode(&file, &Limits::default()),
+        Err(ScanError::CorruptImage(
+            "DICOM numeric value length is not a multiple of its size".into()
+        ))
+    );
+    // Odd-length strings (a common slip of writers) are not refused.
+    let mut dcm = SynthDicom::new(2, 2, vec![1, 2, 3, 4]);
+    element(&mut dcm.extra, (0x0008, 0x0070), b"LO", b"ACM");
+    assert!(decode(&dcm.build(), &Limits::default()).is_ok());
+}
+
 #[test]
 fn dicom_sequences_are_walked_not_rejected() {
     // A well-formed defined-length sequence and an undefined-length one ahead of the image.
