@@ -73,7 +73,9 @@ pub async fn connect_with_tls(
         // so a certificate the broker or we refuse would surface only after
         // many minutes. A refusal does not pass by retrying: one attempt
         // without recovery surfaces it at once, then closes.
-        let probe = ConnectionProperties::default().with_connection_name(connection_name.into());
+        // Named apart, so the broker's log shows what the short connection was.
+        let probe = ConnectionProperties::default()
+            .with_connection_name(format!("{connection_name} (tls check)").into());
         let checked =
             Connection::connect_with_config(url, probe, config.clone(), runtime.clone()).await?;
         let _ = checked.close(200, "tls checked".into()).await;
