@@ -291,6 +291,40 @@ def network():
     assert {} in one(open_, "NetworkPolicy")["spec"]["egress"]
 
 
+@check("TLS: each pod that names a CA or client certificate file mounts it from its Secret")
+def tls():
+    docs = render(HELM[0][1], CHART / "ci" / "networkpolicy-values.yaml")
+    docs += render(HELM[0][1], CHART / "ci" / "trainer-gpu-values.yaml")
+    want = {
+        "PLEURA_AMQP_TLS_CA_FILE": ("pleura-amqp-tls", "ca.crt"),
+        "PLEURA_AMQP_TLS_CERT_FILE": ("pleura-amqp-tls", "tls.crt"),
+        "PLEURA_AMQP_TLS_KEY_FILE": ("pleura-amqp-tls", "tls.key"),
+        "PLEURA_REDIS_TLS_CA_FILE": ("pleura-redis-tls", "ca.crt"),
+    }
+    seen = set()
+    for doc in docs:
+        spec = doc.get("spec", {})
+        pod = spec.get("template", {}).get("spec", spec) if doc["kind"] != "Pod" else spec
+        for c in pod.get("containers", []) if isinstance(pod, dict) else []:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for name, (secret, key) in want.items():
+                if name not in env:
+                    continue
+                seen.add((doc["kind"], name))
+                path = env[name]
+                assert path.endswith("/" + key), (name, path)
+                mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+                assert mount.get("readOnly"), mount
+                assert volumes[mount["name"]]["secret"]["secretName"] == secret, volumes[mount["name"]]
+    kinds = {k for k, _ in seen}
+    assert {"Deployment", "Pod", "Job"} <= kinds, seen
+    assert ("Deployment", "PLEURA_AMQP_TLS_KEY_FILE") in seen and ("Deployment", "PLEURA_REDIS_TLS_CA_FILE") in seen
+    assert ("Deployment", "PLEURA_REDIS_TLS_KEY_FILE") not in seen, "no client certificate unless asked"
+    plain = render(HELM[0][1], CHART / "ci" / "minimal-values.yaml")
+    assert "PLEURA_AMQP_TLS_CA_FILE" not in str(plain)
+
+
 @check("helm test hook runs `pleura fleet status --json --require-ready`; NOTES say how to check")
 def test_hook():
     docs = render(HELM[0][1], CHART / "ci" / "minimal-values.yaml")

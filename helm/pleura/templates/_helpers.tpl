@@ -149,6 +149,19 @@ app.kubernetes.io/component: worker
     secretKeyRef:
       name: {{ .Values.pleura.redis.existingSecret }}
       key: {{ .Values.pleura.redis.urlKey }}
+{{- range $svc := list "amqp" "redis" }}
+{{- $tls := (index $.Values.pleura $svc).tls }}
+{{- if $tls.existingSecret }}
+- name: PLEURA_{{ upper $svc }}_TLS_CA_FILE
+  value: /etc/pleura/tls/{{ $svc }}/ca.crt
+{{- if $tls.clientCertificate }}
+- name: PLEURA_{{ upper $svc }}_TLS_CERT_FILE
+  value: /etc/pleura/tls/{{ $svc }}/tls.crt
+- name: PLEURA_{{ upper $svc }}_TLS_KEY_FILE
+  value: /etc/pleura/tls/{{ $svc }}/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and (eq .Values.registry.type "s3") .Values.registry.s3.existingSecret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
@@ -212,4 +225,27 @@ app.kubernetes.io/component: worker
 {{- if $errors -}}
 {{- fail (printf "\n\nPleura values cannot work:\n\n- %s\n" (join "\n\n- " $errors)) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The TLS Secrets that `pleura.connectionEnv` points at: mounts and
+     volumes, for every pod that includes it. */}}
+{{- define "pleura.tlsVolumeMounts" -}}
+{{- range $svc := list "amqp" "redis" }}
+{{- if (index $.Values.pleura $svc).tls.existingSecret }}
+- name: tls-{{ $svc }}
+  mountPath: /etc/pleura/tls/{{ $svc }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "pleura.tlsVolumes" -}}
+{{- range $svc := list "amqp" "redis" }}
+{{- if (index $.Values.pleura $svc).tls.existingSecret }}
+- name: tls-{{ $svc }}
+  secret:
+    secretName: {{ (index $.Values.pleura $svc).tls.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
 {{- end -}}
