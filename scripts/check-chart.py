@@ -437,6 +437,7 @@ def main():
     hpa_s3_digest()
     trainer()
     network()
+    tls()
     test_hook()
     for dockerfile in sorted((ROOT / "docker").glob("*.Dockerfile")):
         hadolint(dockerfile)
