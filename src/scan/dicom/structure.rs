@@ -3,9 +3,12 @@
 //! dicom-parser zero-fills a buffer of whatever length an element header claims before it
 //! reads the value, so a 200-byte upload claiming a 4 GiB element costs 4 GiB of real memory.
 //! This walker mirrors the parser's framing (file meta group, explicit/implicit VR, nested
-//! sequences and items, encapsulated pixel fragments) and rejects any defined length that
-//! exceeds the bytes left in its container. It validates nothing else: other malformations
-//! are left to the parser, which then fails without a large allocation.
+//! sequences and items, encapsulated pixel fragments, where it stops: the first top-level
+//! tag after the pixel data) and rejects any defined length that exceeds the bytes left in
+//! its container, and any numeric value of a partial length, after which the parser would
+//! read headers this walk never saw. It validates nothing else: other malformations are
+//! left to the parser, which then fails without a large allocation. The poison corpus
+//! (`tests/tests/poison.rs`) and the `dicom` fuzz target (`fuzz/`) are its adversaries.
 
 use super::syntax::{classify_transfer_syntax, PixelCodec};
 use crate::scan::error::{corrupt, ScanError};
