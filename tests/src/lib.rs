@@ -502,7 +502,8 @@ impl Drop for Fleet {
             {
                 rt.block_on(async {
                     let _ =
-                        tokio::time::timeout(Duration::from_secs(10), Fleet::cleanup(names, redis)).await;
+                        tokio::time::timeout(Duration::from_secs(10), Fleet::cleanup(names, redis))
+                            .await;
                 });
             }
         })
