@@ -83,7 +83,11 @@ async fn reconcile(fleet: &Fleet, case: &str, ids: &[String], recovery: Option<D
     }
     assert_eq!(fleet.result_key_count(ids).await, ids.len());
     for id in ids {
-        assert_eq!(entries.get(id), Some(&1), "{case}: job {id}: one stream entry");
+        assert_eq!(
+            entries.get(id),
+            Some(&1),
+            "{case}: job {id}: one stream entry"
+        );
     }
 }
 
@@ -285,7 +289,9 @@ async fn restart_broker() {
 
 async fn start_broker() {
     rabbitmqctl(&["start_app"]).await.expect("start_app");
-    rabbitmqctl(&["await_startup"]).await.expect("await_startup");
+    rabbitmqctl(&["await_startup"])
+        .await
+        .expect("await_startup");
 }
 
 /// Makes sure the broker is running again however a case ends, so that one
@@ -495,7 +501,14 @@ impl OwnRedis {
     async fn up(&mut self) {
         let child = tokio::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -543,7 +556,10 @@ async fn a_redis_restart_under_load_loses_none() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let Some(mut redis) = OwnRedis::start(dir.path().to_path_buf()).await else {
-        skip("a_redis_restart_under_load_loses_none", "no redis-server here");
+        skip(
+            "a_redis_restart_under_load_loses_none",
+            "no redis-server here",
+        );
         return;
     };
     let fleet = Fleet::with_redis("redisrestart", 8, redis.url());
@@ -565,12 +581,16 @@ async fn a_redis_restart_under_load_loses_none() {
     // The outage lasts until the workers have seen it: both report not
     // ready, holding their jobs and taking no new ones.
     for p in [&a, &b] {
-        wait_until("worker sees Redis gone", Duration::from_secs(60), || async {
-            http_get(p.http, "/readyz")
-                .await
-                .map(|(s, _)| s != 200)
-                .unwrap_or(false)
-        })
+        wait_until(
+            "worker sees Redis gone",
+            Duration::from_secs(60),
+            || async {
+                http_get(p.http, "/readyz")
+                    .await
+                    .map(|(s, _)| s != 200)
+                    .unwrap_or(false)
+            },
+        )
         .await;
     }
     redis.up().await;
@@ -629,7 +649,10 @@ async fn scale_in_while_busy_loses_none() {
         );
         assert_eq!(code, Some(0), "worker {name}:\n{}", log_tail(&p.log));
         // Within the grace, plus the seconds a clean close takes.
-        assert!(took < grace + Duration::from_secs(5), "{name} took {took:?}");
+        assert!(
+            took < grace + Duration::from_secs(5),
+            "{name} took {took:?}"
+        );
         slowest = slowest.max(took);
     }
     tokio::time::timeout(Duration::from_secs(180), load)
