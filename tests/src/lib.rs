@@ -610,6 +610,48 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS` now, `VmHWM` the peak),
+/// given with or without its colon.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let field = field.trim_end_matches(':');
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs `rabbitmqctl` (it needs the broker's Erlang cookie: root here), for
+/// two minutes at most.
+pub fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg("rabbitmqctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("rabbitmqctl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Small synthetic scans (PNG bytes) from the project's phantom generator.
 pub fn phantoms(n: usize, size: u32) -> Vec<Vec<u8>> {
     (0..n)

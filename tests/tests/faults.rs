@@ -178,11 +178,54 @@ async fn wait_answered(fleet: &Fleet, ids: &[String], n: usize) {
     .await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// Two workers under steady load (300 scans, one every 20 ms), with 60
+/// already answered: the shape of the restart cases.
+struct UnderLoad {
+    workers: Vec<Proc>,
+    ids: Vec<String>,
+    load: JoinHandle<usize>,
+}
+
+impl UnderLoad {
+    async fn start(fleet: &Fleet, case: &str, extra: &[(&str, &str)]) -> UnderLoad {
+        let workers = vec![worker(fleet, "a", extra), worker(fleet, "b", extra)];
+        for p in &workers {
+            wait_ready(p.http).await;
+        }
+        let ids = job_ids(case, 300);
+        let load = steady_load(
+            fleet.names.clone(),
+            ids.clone(),
+            Arc::new(phantoms(6, 512)),
+            Duration::from_millis(20),
+        );
+        wait_answered(fleet, &ids, 60).await;
+        UnderLoad { workers, ids, load }
+    }
+
+    /// Lets the generator finish, reconciles, and stops every worker with
+    /// SIGTERM, each exiting 0. Returns the publishes the generator retried.
+    async fn finish(mut self, fleet: &Fleet, case: &str, recovery: Duration) -> usize {
+        let retried = tokio::time::timeout(Duration::from_secs(180), self.load)
+            .await
+            .expect("the generator finishes")
+            .expect("generator");
+        reconcile(fleet, case, &self.ids, Some(recovery)).await;
+        for p in &mut self.workers {
+            let (code, _) = terminate(p).await;
+            assert_eq!(code, Some(0), "{}", log_tail(&p.log));
+        }
+        retried
+    }
+}
+
+/// Time from now until a result appears that was not there: after a fault
+/// is over, how long the fleet takes to answer again.
+async fn time_to_next_result(fleet: &Fleet, ids: &[String]) -> Duration {
+    let t0 = Instant::now();
+    let before = answered(fleet, ids).await;
+    wait_answered(fleet, ids, before + 1).await;
+    t0.elapsed()
 }
 
 /// A worker process with a known HTTP port, one inference thread, and
@@ -239,26 +282,15 @@ async fn terminate(p: &mut Proc) -> (Option<i32>, Duration) {
     (status.code(), t0.elapsed())
 }
 
-/// `rabbitmqctl`, which needs the broker's Erlang cookie (root here), bounded.
-async fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("rabbitmqctl")
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
+/// [`pleura_tests::rabbitmqctl`], off the async executor.
+async fn ctl(args: &[&str]) -> Result<(), String> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rabbitmqctl(&args)
+    })
     .await
-    .map_err(|_| format!("rabbitmqctl {args:?} timed out"))?
-    .map_err(|e| format!("rabbitmqctl: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    .expect("rabbitmqctl task")
 }
 
 /// Whether this test may stop and start the broker: it must be the local
@@ -269,7 +301,7 @@ async fn broker_is_ours(test: &str) -> bool {
         skip(test, "PLEURA_AMQP_URL is not this host's broker");
         return false;
     }
-    if let Err(e) = rabbitmqctl(&["status"]).await {
+    if let Err(e) = ctl(&["status"]).await {
         skip(test, &format!("rabbitmqctl cannot control the broker: {e}"));
         return false;
     }
@@ -280,18 +312,16 @@ async fn broker_is_ours(test: &str) -> bool {
 /// it again: what a broker node restart does to its clients. Returns when
 /// the node accepts connections again.
 async fn restart_broker() {
-    rabbitmqctl(&["close_all_connections", "pleura fault test"])
+    ctl(&["close_all_connections", "pleura fault test"])
         .await
         .expect("close connections");
-    rabbitmqctl(&["stop_app"]).await.expect("stop_app");
+    ctl(&["stop_app"]).await.expect("stop_app");
     start_broker().await;
 }
 
 async fn start_broker() {
-    rabbitmqctl(&["start_app"]).await.expect("start_app");
-    rabbitmqctl(&["await_startup"])
-        .await
-        .expect("await_startup");
+    ctl(&["start_app"]).await.expect("start_app");
+    ctl(&["await_startup"]).await.expect("await_startup");
 }
 
 /// Makes sure the broker is running again however a case ends, so that one
@@ -300,9 +330,7 @@ struct BrokerGuard;
 
 impl Drop for BrokerGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .arg("start_app")
-            .output();
+        let _ = rabbitmqctl(&["start_app"]);
     }
 }
 
@@ -387,42 +415,18 @@ async fn a_broker_restart_under_load_loses_none() {
     }
     let _guard = BrokerGuard;
     let fleet = Fleet::new("mqrestart", 8);
-    let mut a = worker(&fleet, "a", &[]);
-    let mut b = worker(&fleet, "b", &[]);
-    wait_ready(a.http).await;
-    wait_ready(b.http).await;
-
-    let ids = job_ids("mqrestart", 300);
-    let load = steady_load(
-        fleet.names.clone(),
-        ids.clone(),
-        Arc::new(phantoms(6, 512)),
-        Duration::from_millis(20),
-    );
-    wait_answered(&fleet, &ids, 60).await;
+    let run = UnderLoad::start(&fleet, "mqrestart", &[]).await;
     let down = Instant::now();
     restart_broker().await;
     let up = Instant::now();
-    // Consuming has resumed when a result appears that was not there when
-    // the broker came back.
-    let before = answered(&fleet, &ids).await;
-    wait_answered(&fleet, &ids, before + 1).await;
-    let resumed = up.elapsed();
+    let resumed = time_to_next_result(&fleet, &run.ids).await;
     println!(
         "broker restart: down for {:.1}s, consuming resumed {:.1}s after it was back",
         (up - down).as_secs_f64(),
         resumed.as_secs_f64()
     );
-    let retried = tokio::time::timeout(Duration::from_secs(180), load)
-        .await
-        .expect("the generator finishes")
-        .expect("generator");
+    let retried = run.finish(&fleet, "broker-restart", resumed).await;
     println!("broker restart: {retried} publishes retried by the generator");
-    reconcile(&fleet, "broker-restart", &ids, Some(resumed)).await;
-    for (name, p) in [("a", &mut a), ("b", &mut b)] {
-        let (code, _) = terminate(p).await;
-        assert_eq!(code, Some(0), "worker {name}:\n{}", log_tail(&p.log));
-    }
 }
 
 /// A body over the scan size limit never reaches a queue: the broker's
@@ -437,7 +441,7 @@ async fn the_broker_refuses_a_scan_over_the_size_limit() {
         return;
     }
     let limit = pleura::scan::DEFAULT_MAX_BYTES;
-    rabbitmqctl(&[
+    ctl(&[
         "eval",
         &format!("application:set_env(rabbit, max_message_size, {limit})."),
     ])
@@ -563,24 +567,16 @@ async fn a_redis_restart_under_load_loses_none() {
         return;
     };
     let fleet = Fleet::with_redis("redisrestart", 8, redis.url());
-    let backoff = [("PLEURA_REDIS_MAX_BACKOFF_MS", "1000")];
-    let mut a = worker(&fleet, "a", &backoff);
-    let mut b = worker(&fleet, "b", &backoff);
-    wait_ready(a.http).await;
-    wait_ready(b.http).await;
-
-    let ids = job_ids("redisrestart", 300);
-    let load = steady_load(
-        fleet.names.clone(),
-        ids.clone(),
-        Arc::new(phantoms(6, 512)),
-        Duration::from_millis(20),
-    );
-    wait_answered(&fleet, &ids, 60).await;
+    let run = UnderLoad::start(
+        &fleet,
+        "redisrestart",
+        &[("PLEURA_REDIS_MAX_BACKOFF_MS", "1000")],
+    )
+    .await;
     redis.kill().await;
     // The outage lasts until the workers have seen it: both report not
     // ready, holding their jobs and taking no new ones.
-    for p in [&a, &b] {
+    for p in &run.workers {
         wait_until(
             "worker sees Redis gone",
             Duration::from_secs(60),
@@ -594,26 +590,15 @@ async fn a_redis_restart_under_load_loses_none() {
         .await;
     }
     redis.up().await;
-    let up = Instant::now();
-    for p in [&a, &b] {
+    for p in &run.workers {
         wait_ready(p.http).await;
     }
-    let before = answered(&fleet, &ids).await;
-    wait_answered(&fleet, &ids, before + 1).await;
-    let resumed = up.elapsed();
+    let resumed = time_to_next_result(&fleet, &run.ids).await;
     println!(
         "redis restart: results resumed {:.1}s after it was back",
         resumed.as_secs_f64()
     );
-    tokio::time::timeout(Duration::from_secs(180), load)
-        .await
-        .expect("the generator finishes")
-        .expect("generator");
-    reconcile(&fleet, "redis-restart", &ids, Some(resumed)).await;
-    for (name, p) in [("a", &mut a), ("b", &mut b)] {
-        let (code, _) = terminate(p).await;
-        assert_eq!(code, Some(0), "worker {name}:\n{}", log_tail(&p.log));
-    }
+    run.finish(&fleet, "redis-restart", resumed).await;
 }
 
 /// Scale-in while busy: three workers, stopped one by one with SIGTERM
@@ -728,10 +713,10 @@ async fn reload_round(round: usize) {
     );
     wait_answered(&fleet, &ids, 30).await;
 
-    rabbitmqctl(&["close_all_connections", "pleura fault test"])
+    ctl(&["close_all_connections", "pleura fault test"])
         .await
         .expect("close connections");
-    rabbitmqctl(&["stop_app"]).await.expect("stop_app");
+    ctl(&["stop_app"]).await.expect("stop_app");
     let promotion = pleura::registry::activate(
         &fleet.registry().await,
         &fleet.announcer(),
@@ -822,15 +807,15 @@ async fn a_backlog_of_5000_keeps_memory_bounded() {
     // RSS after the first few hundred, and at the end: a worker that held
     // the backlog (no prefetch) would grow by its size.
     wait_answered(&fleet, &ids, 300).await;
-    let early = rss_kib(pid, "VmRSS:");
+    let early = proc_status_kib(pid, "VmRSS").expect("VmRSS");
     let store = fleet.store().await;
     store
         .wait_all(&ids, Duration::from_secs(600), |_| {})
         .await
         .expect("redis");
     let took = t0.elapsed();
-    let late = rss_kib(pid, "VmRSS:");
-    let peak = rss_kib(pid, "VmHWM:");
+    let late = proc_status_kib(pid, "VmRSS").expect("VmRSS");
+    let peak = proc_status_kib(pid, "VmHWM").expect("VmHWM");
     println!(
         "backlog: 5000 scans ({} MB) in {:.1}s; RSS {} MB after 300, {} MB at the end, peak {} MB",
         backlog_bytes / 1_000_000,
@@ -850,14 +835,4 @@ async fn a_backlog_of_5000_keeps_memory_bounded() {
     );
     let (code, _) = terminate(&mut p).await;
     assert_eq!(code, Some(0), "{}", log_tail(&p.log));
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("rss field")
 }

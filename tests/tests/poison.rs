@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use pleura::scan::{load_scan, Limits};
 use pleura::wire::Priority;
 use pleura_tests::poison::{self, Expect};
-use pleura_tests::{data_dir, http_get, skip, spawn_worker_process, wait_ready, wait_until, Fleet};
+use pleura_tests::{
+    data_dir, free_port, http_get, proc_status_kib, skip, spawn_worker_process, wait_ready,
+    wait_until, Fleet,
+};
 
 /// Small limits keep the corpus small in memory: oversize bodies are
 /// `MAX_BYTES` and a little more, bombs declare more than `MAX_PIXELS`.
@@ -31,25 +34,6 @@ const SIZE: u32 = 256;
 /// Measured: 134 MiB. Before the DICOM length walk followed the parser past
 /// the pixel data, one body of this corpus took the worker to 4.1 GiB.
 const MAX_PEAK_RSS_KIB: u64 = 384 * 1024;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// A `VmHWM` / `VmRSS` line of /proc/PID/status, in KiB.
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_corpus_ends_in_results_and_dead_letters_without_a_crash() {

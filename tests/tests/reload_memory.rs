@@ -5,21 +5,12 @@
 use std::time::Duration;
 
 use pleura::wire::Priority;
-use pleura_tests::{model_variant, phantoms, spawn_registry_worker_process, Fleet, Keys};
+use pleura_tests::{
+    model_variant, phantoms, proc_status_kib, spawn_registry_worker_process, Fleet, Keys,
+};
 
 fn rss_kib(pid: u32) -> u64 {
-    proc_status_kib(pid, "VmRSS:")
-}
-
-/// A `/proc/<pid>/status` field in KiB (`VmRSS:` now, `VmHWM:` the peak).
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+    proc_status_kib(pid, "VmRSS").expect("VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +71,7 @@ async fn fifty_reloads_do_not_grow_rss_beyond_twice_the_steady_state() {
     classify("after").await;
     let after = rss_kib(pid);
     peak = peak.max(after);
-    let high_water = proc_status_kib(pid, "VmHWM:");
+    let high_water = proc_status_kib(pid, "VmHWM").expect("VmHWM");
     eprintln!(
         "reload memory: steady {} MiB, after 50 reloads {} MiB, largest after a reload {} MiB \
          ({:.2}x steady); high-water mark while loading {} MiB",

@@ -6,28 +6,10 @@
 //! password. The users are real: a RabbitMQ user made with `rabbitmqctl`
 //! and a Redis ACL user, both removed afterwards.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use pleura::wire::{Priority, Status};
 use pleura_tests::*;
-
-/// Runs `rabbitmqctl`, which needs the broker's Erlang cookie (root here).
-fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("rabbitmqctl: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
 
 /// `url` with its user and password replaced.
 fn with_login(url: &str, user: &str, password: &str) -> String {

@@ -161,14 +161,6 @@ fn openssl(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
-}
-
 /// The test's own Redis: a plain port for the fixtures (namespace clean-up)
 /// and a TLS port that demands a client certificate from `ca`. Both serve
 /// the same data. Killed when dropped.
