@@ -610,6 +610,84 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
+/// A Redis server of a test's own, on a free port, with an append-only
+/// file synced on every write: stopping it disturbs no other test, and a
+/// kill loses nothing it acknowledged. (The shared Redis keeps nothing on
+/// disk; restarting it would lose every result by design, which is the
+/// limit the guarantees in ARCHITECTURE.md state.)
+pub struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<tokio::process::Child>,
+}
+
+impl OwnRedis {
+    /// Starts one and waits until it answers PING; `None` without a
+    /// `redis-server` here.
+    pub async fn start() -> Option<OwnRedis> {
+        std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .ok()?;
+        let mut r = OwnRedis {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        r.up().await;
+        Some(r)
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// (Re)starts it on the same port and files, and waits for PING.
+    pub async fn up(&mut self) {
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until("own redis up", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let Ok(client) = redis::Client::open(url) else {
+                    return false;
+                };
+                let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+                    return false;
+                };
+                redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+    }
+
+    /// kill -9: no shutdown, no final save.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.start_kill().expect("SIGKILL redis");
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("redis dies")
+            .expect("wait");
+    }
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -470,96 +470,13 @@ async fn the_broker_refuses_a_scan_over_the_size_limit() {
     assert_eq!(fleet.ready_count(&fleet.names.routine_queue()).await, 0);
 }
 
-/// A Redis server of the test's own, with an append-only file synced on
-/// every write, so that a kill loses nothing it acknowledged. (The shared
-/// Redis keeps nothing on disk; restarting it would lose every result by
-/// design, which is the limit the guarantees document states.)
-struct OwnRedis {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    async fn start(dir: PathBuf) -> Option<OwnRedis> {
-        if std::process::Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            return None;
-        }
-        let mut r = OwnRedis {
-            port: free_port(),
-            dir,
-            child: None,
-        };
-        r.up().await;
-        Some(r)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    async fn up(&mut self) {
-        let child = tokio::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(self.dir.join("redis.log"))
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn redis-server");
-        self.child = Some(child);
-        let url = self.url();
-        wait_until("own redis up", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move {
-                let Ok(client) = redis::Client::open(url) else {
-                    return false;
-                };
-                let Ok(mut c) = client.get_multiplexed_async_connection().await else {
-                    return false;
-                };
-                redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            }
-        })
-        .await;
-    }
-
-    /// kill -9: no shutdown, no final save.
-    async fn kill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.start_kill().expect("SIGKILL redis");
-        tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .expect("redis dies")
-            .expect("wait");
-    }
-}
-
 /// Redis is killed (-9) and restarted under load: results written before
 /// come back from its append-only file, jobs in hand during the outage
 /// retry until it is back, and nothing is acknowledged that is not written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_under_load_loses_none() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let Some(mut redis) = OwnRedis::start(dir.path().to_path_buf()).await else {
+    let Some(mut redis) = OwnRedis::start().await else {
         skip(
             "a_redis_restart_under_load_loses_none",
             "no redis-server here",

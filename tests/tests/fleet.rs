@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use pleura::wire::Priority;
@@ -285,86 +284,14 @@ async fn sigterm_finishes_the_job_in_flight_and_exits_zero() {
     );
 }
 
-/// A private Redis on its own port, so stopping it disturbs no other test.
-struct OwnRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<std::process::Child>,
-}
-
-impl OwnRedis {
-    fn start(port: Option<u16>, dir: Option<tempfile::TempDir>) -> OwnRedis {
-        let port = port.unwrap_or_else(|| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        });
-        let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
-        // Append-only with fsync, so results written before the outage
-        // survive the restart the way they would on a persistent Redis.
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (make test installs it)");
-        OwnRedis {
-            port,
-            dir,
-            child: Some(child),
-        }
-    }
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-    fn kill(mut self) -> (u16, tempfile::TempDir) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-        let port = self.port;
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        (port, dir)
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_loses_no_job_and_dead_letters_none() {
     let fleet = Fleet::new("outage", 8);
-    let redis = OwnRedis::start(None, None);
+    // Its own Redis, so stopping it disturbs no other test.
+    let mut redis = OwnRedis::start()
+        .await
+        .expect("redis-server is installed (make test installs it)");
     let url = redis.url();
-    let probe = |url: String| async move {
-        match redis::Client::open(url.as_str()) {
-            Ok(c) => c.get_multiplexed_async_connection().await.is_ok(),
-            Err(_) => false,
-        }
-    };
-    wait_until("private redis up", Duration::from_secs(20), || {
-        probe(url.clone())
-    })
-    .await;
     let settings = pleura::config::Settings {
         redis_url: url.clone(),
         redis_max_backoff_ms: 500,
@@ -397,7 +324,7 @@ async fn a_redis_outage_loses_no_job_and_dead_letters_none() {
     .await;
 
     // Redis goes away; scans keep arriving.
-    let (port, dir) = redis.kill();
+    redis.kill().await;
     for i in 0..10 {
         let id = format!("outage-b{i}-{}", uuid::Uuid::new_v4().simple());
         fleet
@@ -450,7 +377,7 @@ async fn a_redis_outage_loses_no_job_and_dead_letters_none() {
         "nothing dead-lettered during the outage"
     );
 
-    let _redis = OwnRedis::start(Some(port), Some(dir));
+    redis.up().await;
     let results = {
         let got = store
             .wait_all(&ids, Duration::from_secs(120), |_| {})
