@@ -702,19 +702,12 @@ async fn a_backlog_of_5000_keeps_memory_bounded() {
     {
         use futures_util::stream::{self, StreamExt};
         let (_conn, publisher) = fleet.publisher().await;
-        let publisher = &publisher;
-        let scans = &scans;
+        let (fleet, publisher, scans) = (&fleet, &publisher, &scans);
         stream::iter(ids.iter().enumerate())
             .for_each_concurrent(64, |(i, id)| async move {
-                publisher
-                    .submit(&Submission {
-                        job_id: id,
-                        body: &scans[i % scans.len()],
-                        priority: Priority::Routine,
-                        correlation: &[],
-                    })
-                    .await
-                    .expect("publish confirmed");
+                fleet
+                    .submit(publisher, id, &scans[i % scans.len()], Priority::Routine)
+                    .await;
             })
             .await;
     }
