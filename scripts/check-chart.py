@@ -9,6 +9,8 @@
 - KEDA and Prometheus-operator objects against their models (cloudcoil),
   with unknown fields caught by a round trip;
 - assertions on the rendered objects that would catch a broken chart;
+- the trainer service (`pleura-trainer serve`): GPU defaults, the CPU-only
+  and S3 variants, what each setting path points at is mounted;
 - values that cannot work fail with a message that says what to do;
 - `hadolint` on every Dockerfile, failing at warning level.
 
@@ -145,8 +147,22 @@ def custom_resources(values):
 # --- assertions on what is rendered -------------------------------------------
 
 
+def component(docs, kind, name):
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["labels"].get("app.kubernetes.io/component") == name]
+    assert len(found) == 1, f"expected one {kind} of the {name}, found {len(found)}"
+    return found[0]
+
+
+def worker_deployment(docs):
+    return component(docs, "Deployment", "worker")
+
+
 def worker_pod(docs):
-    return one(docs, "Deployment")["spec"]["template"]["spec"]
+    return worker_deployment(docs)["spec"]["template"]["spec"]
+
+
+def trainer_deployment(docs):
+    return component(docs, "Deployment", "trainer-service")
 
 
 def config(docs):
@@ -179,11 +195,11 @@ def grace(values):
     pod = worker_pod(docs)
     drain = int(config(docs)["PLEURA_SHUTDOWN_GRACE_SECS"])
     assert pod["terminationGracePeriodSeconds"] > drain, (pod["terminationGracePeriodSeconds"], drain)
-    ann = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    ann = worker_deployment(docs)["spec"]["template"]["metadata"]["annotations"]
     assert len(ann["checksum/config"]) == 64
     # ...and another setting gives another checksum.
     other = render(HELM[0][1], values, "--set", "pleura.logLevel=debug")
-    assert one(other, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != ann["checksum/config"]
+    assert worker_deployment(other)["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != ann["checksum/config"]
 
 
 @check("{0}: credentials come from Secrets, never from the ConfigMap")
@@ -203,7 +219,7 @@ def secrets(values):
 def keda():
     docs = render(HELM[0][1], CHART / "ci" / "keda-values.yaml")
     ns = config(docs)["PLEURA_NAMESPACE"]
-    assert "replicas" not in one(docs, "Deployment")["spec"], "KEDA owns replicas"
+    assert "replicas" not in worker_deployment(docs)["spec"], "KEDA owns replicas"
     so = one(docs, "ScaledObject")
     queues = sorted(t["metadata"]["queueName"] for t in so["spec"]["triggers"])
     assert queues == sorted([f"{ns}.scans.stat", f"{ns}.scans.routine"]), queues
@@ -213,12 +229,12 @@ def keda():
         assert t["metadata"]["protocol"] == "http", "amqp would not count unacked scans"
         assert t["metadata"]["mode"] == "QueueLength"
         assert t["authenticationRef"]["name"] == auth["metadata"]["name"]
-    assert so["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+    assert so["spec"]["scaleTargetRef"]["name"] == worker_deployment(docs)["metadata"]["name"]
     assert so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert auth["spec"]["secretTargetRef"][0]["parameter"] == "host"
     # Without KEDA, replicas are back.
     plain = render(HELM[0][1], CHART / "ci" / "minimal-values.yaml")
-    assert one(plain, "Deployment")["spec"]["replicas"] == 2
+    assert worker_deployment(plain)["spec"]["replicas"] == 2
     assert not by_kind(plain, "ScaledObject")
 
 
@@ -241,7 +257,7 @@ def hpa_s3_digest():
     hpa = render(HELM[0][1], CHART / "ci" / "hpa-values.yaml")
     h = one(hpa, "HorizontalPodAutoscaler")
     assert h["spec"]["metrics"][0]["resource"]["name"] == "cpu"
-    assert "replicas" not in one(hpa, "Deployment")["spec"]
+    assert "replicas" not in worker_deployment(hpa)["spec"]
     s3 = render(HELM[0][1], CHART / "ci" / "s3-values.yaml")
     data = config(s3)
     assert data["PLEURA_REGISTRY_URL"] == "s3://hospital-models/pleura"
@@ -277,6 +293,179 @@ def trainer():
     assert cc["image"].endswith("-cpu") and "nvidia.com/gpu" not in cc["resources"].get("limits", {})
 
 
+def mount_of(container, path):
+    """The volume mount a path lies in (the deepest one), or None."""
+    found = [
+        m
+        for m in container.get("volumeMounts", [])
+        if path == m["mountPath"].rstrip("/") or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    return max(found, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def matches(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+TRAINER_SERVICE = CHART / "ci" / "trainer-service-values.yaml"
+
+
+@check("trainer service: `serve` on the cuda image with a GPU, the taint tolerated, every path it uses mounted, its own selectors")
+def trainer_service():
+    docs = render(HELM[0][1], TRAINER_SERVICE)
+    dep = trainer_deployment(docs)
+    spec = dep["spec"]
+    pod = spec["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["args"] == ["serve"], c["args"]
+    assert c["image"] == f"ghcr.io/pleura/trainer:{APP_VERSION}-cuda", c["image"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1, c["resources"]
+    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["rollingUpdate"]["maxSurge"] == 0, "a rollout must not need a spare GPU"
+    assert pod["terminationGracePeriodSeconds"] == 60
+    # Settings roll the trainers as they roll the workers.
+    ann = spec["template"]["metadata"]["annotations"]["checksum/config"]
+    assert ann == worker_deployment(docs)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    # Its pods are its own: no other Deployment, Job or PDB takes them, and it takes no other pod.
+    sel = spec["selector"]["matchLabels"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert matches(sel, labels)
+    for d in by_kind(docs, "Deployment") + by_kind(docs, "PodDisruptionBudget"):
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] != "trainer-service":
+            assert not matches(d["spec"]["selector"]["matchLabels"], labels), d["metadata"]["name"]
+    assert not matches(sel, worker_deployment(docs)["spec"]["template"]["metadata"]["labels"])
+    job = render(HELM[0][1], TRAINER_SERVICE, "--set", "trainer.job.enabled=true,trainer.job.dataset.existingClaim=nih-cxr,trainer.job.signingKeySecret=pleura-signing-key")
+    assert not matches(sel, one(job, "Job")["spec"]["template"]["metadata"]["labels"]), "the trainer Job's pod is not a trainer-service pod"
+
+    # The settings of the service's contract, and every path they name is mounted:
+    # writable where it writes (the root is read-only), read-only where it only reads.
+    env = env_of(c)
+    names = [e["name"] for e in c["env"]]
+    assert len(names) == len(set(names)), names
+    val = {k: e.get("value") for k, e in env.items()}
+    data = config(docs)
+    assert val["PLEURA_RUNS_URL"] == "file:///var/lib/pleura/runs", val
+    assert val["PLEURA_TRAINER_WORK_DIR"] == "/var/lib/pleura/trainer", val
+    assert (val["PLEURA_TRAINER_LEASE_SECS"], val["PLEURA_TRAINER_MAX_ATTEMPTS"]) == ("30", "3"), val
+    assert val["PLEURA_SIGNING_KEY_FILE"] == "/etc/pleura/signing/pleura.key", val
+    assert "secretKeyRef" in env["PLEURA_AMQP_URL"]["valueFrom"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    paths = {
+        val["PLEURA_RUNS_URL"].removeprefix("file://"): True,
+        val["PLEURA_TRAINER_WORK_DIR"]: True,
+        data["PLEURA_REGISTRY_URL"].removeprefix("file://"): True,  # it publishes
+        "/tmp": True,
+        "/dev/shm": True,
+        val["PLEURA_SIGNING_KEY_FILE"]: False,
+        "/data/cxr": False,
+        **{k: False for k in data["PLEURA_TRUSTED_KEYS"].split(",")},
+        **{v: False for k, v in val.items() if k.endswith("_FILE") and v},
+    }
+    for path, writable in paths.items():
+        m = mount_of(c, path)
+        assert m, f"{path} is not mounted"
+        assert bool(m.get("readOnly")) != writable, (path, m)
+    claims = {p["metadata"]["name"]: p for p in by_kind(docs, "PersistentVolumeClaim")}
+    runs = volumes[mount_of(c, "/var/lib/pleura/runs")["name"]]
+    claim = claims[runs["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "nfs-client", claim
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert volumes[mount_of(c, "/var/lib/pleura/trainer")["name"]]["emptyDir"]["sizeLimit"] == "50Gi"
+    assert volumes[mount_of(c, "/dev/shm")["name"]]["emptyDir"]["medium"] == "Memory"
+    dataset = volumes[mount_of(c, "/data/cxr")["name"]]["persistentVolumeClaim"]
+    assert dataset == {"claimName": "nih-cxr", "readOnly": True}, dataset
+    assert volumes[mount_of(c, val["PLEURA_SIGNING_KEY_FILE"])["name"]]["secret"]["secretName"] == "pleura-signing-key"
+
+    # Metrics: the port it listens on is the probes', the Service's and the ServiceMonitor's.
+    port = int(val["PLEURA_HTTP_ADDR"].rsplit(":", 1)[1])
+    [cport] = c["ports"]
+    assert cport == {"name": "metrics", "containerPort": port, "protocol": "TCP"}, cport
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == "metrics", probe
+    svc = component(docs, "Service", "trainer-service")
+    assert svc["spec"]["selector"] == sel and svc["spec"]["ports"][0]["port"] == port
+    sm = component(docs, "ServiceMonitor", "trainer-service")
+    assert matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    pdb = component(docs, "PodDisruptionBudget", "trainer-service")
+    assert pdb["spec"]["selector"]["matchLabels"] == sel and pdb["spec"]["maxUnavailable"] == 1
+
+    # Locked-down traffic: metrics in from monitoring; out to DNS, AMQP, Redis and object stores.
+    np = component(docs, "NetworkPolicy", "trainer-service")
+    assert np["spec"]["podSelector"]["matchLabels"] == sel
+    assert {} not in np["spec"]["egress"]
+    ports = {p["port"] for rule in np["spec"]["egress"] for p in rule.get("ports", [])}
+    assert {53, 5672, 6379, 443} <= ports, ports
+    assert 15672 not in ports, "a trainer has no use for the management API"
+
+    # Off by default: nothing of it in a plain install.
+    plain = render(HELM[0][1], CHART / "ci" / "minimal-values.yaml")
+    assert not [d for d in plain if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "trainer-service"]
+
+
+@check("trainer service variants: CPU-only, runs and datasets in S3, the registry's S3, a per-pod work claim, an existing runs claim")
+def trainer_service_variants():
+    helm = HELM[0][1]
+
+    def container(docs):
+        return trainer_deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+
+    cpu = container(render(helm, TRAINER_SERVICE, "--set", "trainer.service.gpu=0"))
+    assert cpu["image"] == f"ghcr.io/pleura/trainer:{APP_VERSION}-cpu", cpu["image"]
+    assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {}), cpu["resources"]
+
+    # Runs in S3: any number of trainers, whatever the access modes, and no runs volume.
+    s3 = render(
+        helm, TRAINER_SERVICE, "--set",
+        "trainer.service.runs.type=s3,trainer.service.runs.s3.url=s3://hospital-runs/pleura,"
+        "trainer.service.s3.region=eu-west-1,trainer.service.s3.existingSecret=pleura-s3,"
+        "trainer.service.runs.file.accessModes={ReadWriteOnce},trainer.service.replicaCount=4",
+    )
+    c = container(s3)
+    env = env_of(c)
+    assert env["PLEURA_RUNS_URL"]["value"] == "s3://hospital-runs/pleura"
+    assert env["AWS_REGION"]["value"] == "eu-west-1"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "pleura-s3"
+    assert mount_of(c, "/var/lib/pleura/runs") is None
+    assert "rel-pleura-runs" not in {p["metadata"]["name"] for p in by_kind(s3, "PersistentVolumeClaim")}
+    assert "AWS_REGION" not in env_of(worker_pod(s3)["containers"][0]), "the trainer's S3 is its own"
+
+    # With the registry in S3, the trainer uses its settings, once.
+    reg = render(
+        helm, CHART / "ci" / "s3-values.yaml", "--set",
+        "trainer.service.enabled=true,trainer.service.signingKeySecret=pleura-signing-key,"
+        "trainer.service.runs.type=s3,trainer.service.runs.s3.url=s3://hospital-models/runs",
+    )
+    c = container(reg)
+    names = [e["name"] for e in c["env"]]
+    assert names.count("AWS_SECRET_ACCESS_KEY") == 1 and "AWS_REGION" not in names, names
+    assert config(reg)["AWS_REGION"] == "eu-west-1"
+    assert mount_of(c, "/var/lib/pleura/registry") is None
+
+    # A per-pod claim for the work dir, where node disks are small.
+    eph = render(helm, TRAINER_SERVICE, "--set", "trainer.service.workDir.ephemeralClaim.enabled=true,trainer.service.workDir.ephemeralClaim.storageClass=fast-ssd")
+    pod = trainer_deployment(eph)["spec"]["template"]["spec"]
+    work = next(v for v in pod["volumes"] if v["name"] == mount_of(pod["containers"][0], "/var/lib/pleura/trainer")["name"])
+    tmpl = work["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert tmpl["storageClassName"] == "fast-ssd" and tmpl["resources"]["requests"]["storage"] == "100Gi", tmpl
+
+    # An existing runs claim: used as is (offline rendering cannot read its access modes).
+    ext = render(helm, TRAINER_SERVICE, "--set", "trainer.service.runs.file.existingClaim=pleura-runs-nfs")
+    pod = trainer_deployment(ext)["spec"]["template"]["spec"]
+    runs = next(v for v in pod["volumes"] if v["name"] == mount_of(pod["containers"][0], "/var/lib/pleura/runs")["name"])
+    assert runs["persistentVolumeClaim"]["claimName"] == "pleura-runs-nfs"
+    assert "rel-pleura-runs" not in {p["metadata"]["name"] for p in by_kind(ext, "PersistentVolumeClaim")}
+
+    # NOTES say how to submit a run.
+    notes = sh(dict(HELM)["v4"], "install", "rel", CHART, "--dry-run=client", "-f", TRAINER_SERVICE, "--set", "skipApiChecks=true").stdout
+    assert "pleura train submit --data file:///data/DATASET" in notes and "--publish --wait" in notes, notes[-2000:]
+    assert "pleura.train" in notes and "file:///var/lib/pleura/runs" in notes, notes[-2000:]
+
+
 @check("network policy: metrics from monitoring only; egress to DNS, AMQP, management, Redis")
 def network():
     docs = render(HELM[0][1], CHART / "ci" / "networkpolicy-values.yaml")
@@ -295,11 +484,14 @@ def network():
 def tls():
     docs = render(HELM[0][1], CHART / "ci" / "networkpolicy-values.yaml")
     docs += render(HELM[0][1], CHART / "ci" / "trainer-gpu-values.yaml")
+    docs += render(HELM[0][1], TRAINER_SERVICE)
     want = {
         "PLEURA_AMQP_TLS_CA_FILE": ("pleura-amqp-tls", "ca.crt"),
         "PLEURA_AMQP_TLS_CERT_FILE": ("pleura-amqp-tls", "tls.crt"),
         "PLEURA_AMQP_TLS_KEY_FILE": ("pleura-amqp-tls", "tls.key"),
         "PLEURA_REDIS_TLS_CA_FILE": ("pleura-redis-tls", "ca.crt"),
+        "PLEURA_REDIS_TLS_CERT_FILE": ("pleura-redis-tls", "tls.crt"),
+        "PLEURA_REDIS_TLS_KEY_FILE": ("pleura-redis-tls", "tls.key"),
     }
     seen = set()
     for doc in docs:
@@ -312,6 +504,7 @@ def tls():
                 if name not in env:
                     continue
                 seen.add((doc["kind"], name))
+                seen.add((doc["metadata"]["labels"].get("app.kubernetes.io/component"), name))
                 path = env[name]
                 assert path.endswith("/" + key), (name, path)
                 mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
@@ -320,7 +513,9 @@ def tls():
     kinds = {k for k, _ in seen}
     assert {"Deployment", "Pod", "Job"} <= kinds, seen
     assert ("Deployment", "PLEURA_AMQP_TLS_KEY_FILE") in seen and ("Deployment", "PLEURA_REDIS_TLS_CA_FILE") in seen
-    assert ("Deployment", "PLEURA_REDIS_TLS_KEY_FILE") not in seen, "no client certificate unless asked"
+    assert {("trainer-service", "PLEURA_REDIS_TLS_CA_FILE"), ("trainer-service", "PLEURA_REDIS_TLS_KEY_FILE")} <= seen, seen
+    locked = env_of(worker_pod(render(HELM[0][1], CHART / "ci" / "networkpolicy-values.yaml"))["containers"][0])
+    assert "PLEURA_REDIS_TLS_CA_FILE" in locked and "PLEURA_REDIS_TLS_KEY_FILE" not in locked, "no client certificate unless asked"
     plain = render(HELM[0][1], CHART / "ci" / "minimal-values.yaml")
     assert "PLEURA_AMQP_TLS_CA_FILE" not in str(plain)
 
@@ -349,6 +544,15 @@ def bad_values(tag):
         (["--set", "pleura.amqp.existingSecret="], "pleura.amqp.existingSecret is required"),
         (["--set", "registry.trustedKeys.files=null"], "trusted keys"),
         (["--set", "trainer.job.enabled=true"], "trainer.job.dataset.existingClaim"),
+        (["--set", "trainer.service.enabled=true"], "kubectl create secret generic pleura-signing-key"),
+        (["--set", "trainer.service.replicas=2"], "replicas"),
+        (["--set", "trainer.service.gpu=-1"], "gpu"),
+        (["--set", "trainer.service.runs.type=nfs"], "type"),
+        (["-f", TRAINER_SERVICE, "--set", "trainer.service.runs.file.accessModes={ReadWriteOnce}"], "trainer.service.runs.s3.url=s3://bucket/runs"),
+        (["-f", TRAINER_SERVICE, "--set", "trainer.service.runs.file.accessModes={ReadWriteOnce}"], "not ReadWriteMany"),
+        (["-f", TRAINER_SERVICE, "--set", "trainer.service.runs.type=s3"], "trainer.service.runs.s3.url=s3://bucket/prefix"),
+        (["-f", TRAINER_SERVICE, "--set", "trainer.service.data.mountPath=/var/lib/pleura/runs/"], "two volumes at /var/lib/pleura/runs"),
+        (["-f", CHART / "ci" / "s3-values.yaml", "-f", TRAINER_SERVICE, "--set", "registry.type=s3,trainer.service.s3.region=eu-west-1"], "leave trainer.service.s3 empty"),
     ]
     for extra, needle in cases:
         args = [helm, "template", "rel", CHART, "-f", minimal, *extra]
@@ -403,6 +607,7 @@ def schema_is_strict():
 
 
 HELM = []
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 
 
 def readme_values():
@@ -428,6 +633,7 @@ def main():
             validate(tag, helm, values, *KUBE_VERSIONS)
         bad_values(tag)
     custom_resources(CHART / "ci" / "keda-values.yaml")
+    custom_resources(TRAINER_SERVICE)
     for values in CI:
         hardened(values)
         grace(values)
@@ -436,6 +642,8 @@ def main():
     threads()
     hpa_s3_digest()
     trainer()
+    trainer_service()
+    trainer_service_variants()
     network()
     tls()
     test_hook()

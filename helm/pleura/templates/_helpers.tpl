@@ -21,6 +21,10 @@
 {{- printf "%s-worker" (include "pleura.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "pleura.trainerServiceName" -}}
+{{- printf "%s-trainer" (include "pleura.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "pleura.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -49,6 +53,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: worker
 {{- end -}}
 
+{{/* The trainer service's pods; not the trainer Job's (component: trainer). */}}
+{{- define "pleura.trainerServiceSelectorLabels" -}}
+{{ include "pleura.selectorLabels" . }}
+app.kubernetes.io/component: trainer-service
+{{- end -}}
+
 {{- define "pleura.annotations" -}}
 {{- with .Values.commonAnnotations }}
 {{ toYaml . }}
@@ -72,9 +82,20 @@ app.kubernetes.io/component: worker
 {{- include "pleura.imageRef" (dict "image" .Values.image "defaultTag" .Chart.AppVersion) -}}
 {{- end -}}
 
+{{/* The trainer image of the Job or the service: `<appVersion>-cuda` with a
+     GPU, `<appVersion>-cpu` without, unless a tag or digest is given.
+     Takes (dict "trainer" .Values.trainer.job|service "root" $). */}}
+{{- define "pleura.trainerImageOf" -}}
+{{- $variant := ternary "cuda" "cpu" (gt (int .trainer.gpu) 0) -}}
+{{- include "pleura.imageRef" (dict "image" .trainer.image "defaultTag" (printf "%s-%s" .root.Chart.AppVersion $variant)) -}}
+{{- end -}}
+
 {{- define "pleura.trainerImage" -}}
-{{- $variant := ternary "cuda" "cpu" (gt (int .Values.trainer.job.gpu) 0) -}}
-{{- include "pleura.imageRef" (dict "image" .Values.trainer.job.image "defaultTag" (printf "%s-%s" .Chart.AppVersion $variant)) -}}
+{{- include "pleura.trainerImageOf" (dict "trainer" .Values.trainer.job "root" .) -}}
+{{- end -}}
+
+{{- define "pleura.trainerServiceImage" -}}
+{{- include "pleura.trainerImageOf" (dict "trainer" .Values.trainer.service "root" .) -}}
 {{- end -}}
 
 {{/* Settings --------------------------------------------------------------- */}}
@@ -118,6 +139,32 @@ app.kubernetes.io/component: worker
 
 {{- define "pleura.registryClaim" -}}
 {{- default (printf "%s-registry" (include "pleura.fullname" .)) .Values.registry.file.existingClaim -}}
+{{- end -}}
+
+{{/* The trainer service's runs store (`runs_url`) and its volume. */}}
+{{- define "pleura.runsUrl" -}}
+{{- $runs := .Values.trainer.service.runs -}}
+{{- if eq $runs.type "s3" -}}
+{{- $runs.s3.url -}}
+{{- else -}}
+{{- printf "file://%s" $runs.file.mountPath -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pleura.runsClaim" -}}
+{{- default (printf "%s-runs" (include "pleura.fullname" .)) .Values.trainer.service.runs.file.existingClaim -}}
+{{- end -}}
+
+{{/* The GPU resource a trainer asks for, added to its resources' limits.
+     Takes (dict "resources" ... "gpu" N). */}}
+{{- define "pleura.trainerResources" -}}
+{{- $res := deepCopy (default (dict) .resources) -}}
+{{- if gt (int .gpu) 0 -}}
+{{- $limits := default (dict) $res.limits -}}
+{{- $_ := set $limits "nvidia.com/gpu" (int .gpu) -}}
+{{- $_ := set $res "limits" $limits -}}
+{{- end -}}
+{{- toYaml $res -}}
 {{- end -}}
 
 {{- define "pleura.trustedKeysDir" -}}/etc/pleura/trusted-keys{{- end -}}
@@ -220,6 +267,51 @@ app.kubernetes.io/component: worker
 {{- end -}}
 {{- if and .Values.trainer.job.publish (not .Values.trainer.job.signingKeySecret) -}}
 {{- $errors = append $errors "trainer.job.publish needs trainer.job.signingKeySecret: a Secret with the private key from `pleura models keygen`, e.g.\n    kubectl create secret generic pleura-signing-key --from-file=pleura.key\n  (workers refuse unsigned models)" -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.trainer.service.enabled -}}
+{{- $s := .Values.trainer.service -}}
+{{- if and (not $s.signingKeySecret) (not .Values.registry.allowUnsignedModels) -}}
+{{- $errors = append $errors "trainer.service.enabled needs trainer.service.signingKeySecret: the trainer service publishes the runs submitted with --publish, and workers refuse unsigned models. Create a Secret with the private key from `pleura models keygen`, e.g.\n    kubectl create secret generic pleura-signing-key --from-file=pleura.key\n  and set trainer.service.signingKeySecret=pleura-signing-key" -}}
+{{- end -}}
+{{- if and (eq $s.runs.type "s3") (not (hasPrefix "s3://" $s.runs.s3.url)) -}}
+{{- $errors = append $errors "trainer.service.runs.type=s3 needs trainer.service.runs.s3.url=s3://bucket/prefix" -}}
+{{- end -}}
+{{- /* A released run is resumed by whichever trainer claims it next, from
+       the checkpoints in the runs store: with several trainers, a file
+       store must be one volume they all mount. A created claim is judged by
+       its accessModes; an existing one where the chart can read it (at
+       install; offline rendering cannot, and trusts it). */ -}}
+{{- if and (eq $s.runs.type "file") (gt (int $s.replicaCount) 1) -}}
+{{- $modes := $s.runs.file.accessModes -}}
+{{- $what := printf "the created claim's accessModes are %s" (toJson $modes) -}}
+{{- with $s.runs.file.existingClaim -}}
+{{- $modes = list "ReadWriteMany" -}}
+{{- $pvc := lookup "v1" "PersistentVolumeClaim" $.Release.Namespace . -}}
+{{- if $pvc -}}
+{{- $modes = $pvc.spec.accessModes -}}
+{{- $what = printf "claim %s is %s" . (toJson $modes) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (has "ReadWriteMany" $modes) -}}
+{{- $errors = append $errors (printf "trainer.service.replicaCount=%d keeps runs on a file volume that is not ReadWriteMany (%s): a trainer that takes over a released run resumes from the checkpoints another one wrote, so every trainer must mount the same runs volume. Either\n    set trainer.service.runs.file.accessModes={ReadWriteMany} with a storage class that offers it (trainer.service.runs.file.storageClass: NFS, CephFS, EFS, Filestore, Azure Files), or trainer.service.runs.file.existingClaim=<a ReadWriteMany claim>,\n  or keep runs in S3: trainer.service.runs.type=s3 and trainer.service.runs.s3.url=s3://bucket/runs,\n  or run one trainer: trainer.service.replicaCount=1" (int $s.replicaCount) $what) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.registry.type "s3") (or $s.s3.region $s.s3.endpoint $s.s3.allowHttp $s.s3.existingSecret) -}}
+{{- $errors = append $errors "trainer.service.s3 is set, but registry.type=s3: a trainer has one set of AWS_* variables, and with the registry in S3 they are registry.s3's, for the runs store and s3:// datasets too. Put region, endpoint and credentials in registry.s3 and leave trainer.service.s3 empty" -}}
+{{- end -}}
+{{- /* Kubernetes refuses a pod whose mounts share a path, but only at install. */ -}}
+{{- $mounts := list "/tmp" "/dev/shm" $s.workDir.path "/etc/pleura/signing" (include "pleura.trustedKeysDir" .) "/etc/pleura/tls/amqp" "/etc/pleura/tls/redis" -}}
+{{- if eq $s.runs.type "file" -}}{{- $mounts = append $mounts $s.runs.file.mountPath -}}{{- end -}}
+{{- if $s.data.existingClaim -}}{{- $mounts = append $mounts $s.data.mountPath -}}{{- end -}}
+{{- if eq .Values.registry.type "file" -}}{{- $mounts = append $mounts .Values.registry.file.mountPath -}}{{- end -}}
+{{- $seen := list -}}
+{{- range $mounts -}}
+{{- $p := trimSuffix "/" . -}}
+{{- if has $p $seen -}}
+{{- $errors = append $errors (printf "the trainer service would mount two volumes at %s: give trainer.service.workDir.path, trainer.service.runs.file.mountPath, trainer.service.data.mountPath and registry.file.mountPath distinct paths (outside /tmp, /dev/shm and /etc/pleura)" $p) -}}
+{{- end -}}
+{{- $seen = append $seen $p -}}
 {{- end -}}
 {{- end -}}
 {{- if $errors -}}
