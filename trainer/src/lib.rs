@@ -14,6 +14,9 @@
 //! - [`augment`]: CXR-safe augmentation (no vertical flips, no centre crops).
 //! - [`model`]: the ResNet in tch, built from `ResNetSpec` with the writer's names.
 //! - [`train`]: the training loop, class weights, schedules, ablation check.
+//! - [`optim`]: Adam with state that can be saved and restored.
+//! - [`checkpoint`]: per-epoch checkpoints and what a resume checks.
+//! - [`control`]: [`control::RunControl`], how a caller watches and stops a run.
 //! - [`metrics`]: AUROC, PR-AUC, threshold for a target recall, confusion matrix.
 //! - [`export`]: parity check (tract vs tch) and the model directory.
 //! - [`report`]: `report.json`, plots and `report.md`.
@@ -21,10 +24,13 @@
 //!   measured against their parent on its validation split.
 
 pub mod augment;
+pub mod checkpoint;
+pub mod control;
 pub mod data;
 pub mod export;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod quantize;
 pub mod report;
 pub mod train;

@@ -10,124 +10,37 @@
 //! augmentation and require 100% training accuracy. A pipeline that cannot
 //! overfit 16 images has a bug (labels, loss, learning rate); better to learn
 //! that in a minute than after a night of training.
+//!
+//! A run can be watched and stopped between batches through
+//! [`RunControl`], and checkpointed after every epoch and resumed from a
+//! checkpoint ([`crate::checkpoint`]) so that it ends with the model the
+//! uninterrupted run would have made.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use pleura::model::onnx::ResNetSpec;
 use pleura::scan::Limits;
 
 use crate::augment::AugmentConfig;
+use crate::checkpoint::{self, BestState, CheckpointError, CheckpointState, EpochSeeds};
 use crate::data::{self, Batch, DataError, Loader, Sample};
 use crate::export::{self, ExportError, ExportRequest, Exported};
 use crate::metrics::{self, Evaluation};
 use crate::model::{self, NetError, ResNet};
+use crate::optim::{Adam, AdamConfig, OptimError};
 use crate::report::{self, EpochRecord, Report};
 
-/// A flag value that does not parse, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct BadFlag(pub String);
+pub use crate::checkpoint::read_state;
+pub use crate::control::{BatchProgress, RunControl};
 
-/// How the two classes are weighted in the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub enum ClassWeights {
-    /// Inverse training frequency, normalised so the weights average 1.
-    Auto,
-    /// Plain, unweighted cross-entropy.
-    None,
-    /// Explicit weights for (effusion, nofinding).
-    Manual(f64, f64),
-}
-
-impl std::str::FromStr for ClassWeights {
-    type Err = BadFlag;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(ClassWeights::Auto),
-            "none" => Ok(ClassWeights::None),
-            other => {
-                let (a, b) = other.split_once(',').ok_or_else(|| {
-                    BadFlag(format!(
-                        "class weights {other:?}: expected auto, none or A,B"
-                    ))
-                })?;
-                let parse = |v: &str| {
-                    v.trim()
-                        .parse::<f64>()
-                        .map_err(|e| BadFlag(format!("class weight {v:?}: {e}")))
-                };
-                let (a, b) = (parse(a)?, parse(b)?);
-                if !(a > 0.0 && b > 0.0) {
-                    return Err(BadFlag("class weights must be positive".into()));
-                }
-                Ok(ClassWeights::Manual(a, b))
-            }
-        }
-    }
-}
-
-/// Learning-rate schedule over epochs.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub enum Schedule {
-    /// Constant learning rate.
-    Constant,
-    /// Cosine decay from the initial rate to zero at the last epoch.
-    Cosine,
-    /// Multiply by `gamma` every `every` epochs.
-    Step {
-        /// Epochs between decays.
-        every: usize,
-        /// Decay factor.
-        gamma: f64,
-    },
-}
-
-impl std::str::FromStr for Schedule {
-    type Err = BadFlag;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "constant" | "none" => Ok(Schedule::Constant),
-            "cosine" => Ok(Schedule::Cosine),
-            other => {
-                // step:EVERY:GAMMA, e.g. step:5:0.5
-                let parts: Vec<&str> = other.split(':').collect();
-                match parts.as_slice() {
-                    ["step", every, gamma] => Ok(Schedule::Step {
-                        every: every
-                            .parse()
-                            .map_err(|e| BadFlag(format!("step every: {e}")))?,
-                        gamma: gamma
-                            .parse()
-                            .map_err(|e| BadFlag(format!("step gamma: {e}")))?,
-                    }),
-                    _ => Err(BadFlag(format!(
-                        "schedule {other:?}: expected constant, cosine or step:EVERY:GAMMA"
-                    ))),
-                }
-            }
-        }
-    }
-}
-
-impl Schedule {
-    /// Learning rate for `epoch` (0-based) of `epochs`.
-    pub fn lr(&self, base: f64, epoch: usize, epochs: usize) -> f64 {
-        match *self {
-            Schedule::Constant => base,
-            Schedule::Cosine => {
-                let t = epoch as f64 / epochs.max(1) as f64;
-                base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-            }
-            Schedule::Step { every, gamma } => base * gamma.powi((epoch / every.max(1)) as i32),
-        }
-    }
-}
+pub use pleura::wire::{BadFlag, ClassWeights, Schedule};
 
 /// Everything a training run is told.
 #[derive(Debug, Clone, Serialize)]
@@ -170,6 +83,20 @@ pub struct TrainConfig {
     pub version: Option<String>,
     /// Draw the progress bar (on a terminal).
     pub progress: bool,
+    /// Watches the run and may stop it between batches.
+    #[serde(skip)]
+    pub control: Option<Arc<dyn RunControl>>,
+    /// Write a complete checkpoint after every epoch to
+    /// `checkpoint_dir/epoch-NNNN/`, keeping the newest two.
+    #[serde(skip)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// A checkpoint directory to continue from, written by a run with the
+    /// same settings on the same data.
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+    /// The training service's id of the run, recorded in the manifest.
+    #[serde(skip)]
+    pub run_id: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -194,6 +121,45 @@ impl Default for TrainConfig {
             loader_threads: 2,
             version: None,
             progress: true,
+            control: None,
+            checkpoint_dir: None,
+            resume: None,
+            run_id: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The run that `flags` describe, on the dataset at `data`, exporting to `out`.
+    pub fn from_flags(
+        data: PathBuf,
+        out: PathBuf,
+        flags: &pleura::wire::TrainFlags,
+    ) -> TrainConfig {
+        TrainConfig {
+            data,
+            out,
+            epochs: flags.epochs,
+            batch_size: flags.batch_size,
+            width: flags.width,
+            image_size: flags.image_size,
+            lr: flags.lr,
+            weight_decay: flags.weight_decay,
+            schedule: flags.schedule,
+            class_weights: flags.class_weights,
+            target_recall: flags.target_recall,
+            ablation: None,
+            device: flags.device.to_string(),
+            seed: flags.seed,
+            val_fraction: flags.val_fraction,
+            augment: !flags.no_augment,
+            loader_threads: flags.loader_threads,
+            version: flags.version.clone(),
+            progress: true,
+            control: None,
+            checkpoint_dir: None,
+            resume: None,
+            run_id: None,
         }
     }
 }
@@ -234,6 +200,25 @@ pub enum TrainError {
     /// libtorch failed.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The optimiser failed.
+    #[error(transparent)]
+    Optimizer(#[from] OptimError),
+    /// A checkpoint could not be written.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    /// The checkpoint to resume from is unreadable, or was made by another
+    /// configuration or dataset.
+    #[error("cannot resume: {0}")]
+    Resume(String),
+    /// [`RunControl::stop`] asked the run to stop; nothing was exported.
+    #[error("stopped during epoch {epoch}: {reason}")]
+    Stopped {
+        /// Why, as the control said.
+        reason: String,
+        /// The epoch (1-based) running when it stopped; the last one when
+        /// it stopped before the export.
+        epoch: usize,
+    },
 }
 
 /// What a run produced.
@@ -247,61 +232,80 @@ pub struct TrainOutcome {
     pub report_dir: PathBuf,
 }
 
-/// Runs a training (or ablation) run end to end: data, epochs, then the
-/// ablation verdict or the export of the best epoch.
+/// Runs a training (or ablation) run end to end: data, epochs (from a
+/// checkpoint when resuming), then the ablation verdict or the export of the
+/// best epoch.
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     validate(cfg)?;
     let started = Instant::now();
     tch::manual_seed(cfg.seed as i64);
     let device = model::device_from(&cfg.device)?;
     let data = Prepared::new(cfg)?;
+    let identity = data.run_identity(cfg);
     let mut run = Run::new(cfg, device, &data)?;
-    let mut records: Vec<EpochRecord> = Vec::new();
-    let mut best: Option<Best> = None;
-    let mut best_ablation_acc = 0.0f64;
+    let mut sofar = match &cfg.resume {
+        Some(dir) => run.resume(dir, &identity, &data)?,
+        None => SoFar::default(),
+    };
+    let elapsed = |sofar: &SoFar| sofar.earlier_seconds + started.elapsed().as_secs_f64();
 
-    for epoch in 0..cfg.epochs {
+    for epoch in sofar.records.len()..cfg.epochs {
         let (record, eval, scores) = run.epoch(epoch)?;
         report_epoch(cfg, &record);
-        records.push(record);
+        sofar.records.push(record);
         if cfg.ablation.is_some() {
             // Measured in eval mode on the training images: what would be served.
-            best_ablation_acc = best_ablation_acc.max(eval.at_default.accuracy);
+            sofar.best_ablation_acc = sofar.best_ablation_acc.max(eval.at_default.accuracy);
             if eval.at_default.accuracy >= 1.0 {
-                best = Some(Best::new(epoch, eval, scores));
+                sofar.best = Some(Best::new(epoch, eval, scores));
+                notify_epoch(cfg, &sofar, None);
                 break;
             }
-        } else if Best::improves(best.as_ref(), &eval) {
+        } else if Best::improves(sofar.best.as_ref(), &eval) {
             run.best_vs.copy(&run.vs)?;
-            best = Some(Best::new(epoch, eval, scores));
+            sofar.best = Some(Best::new(epoch, eval, scores));
         }
+        let saved = match &cfg.checkpoint_dir {
+            Some(root) => Some(run.checkpoint(root, &sofar, &identity, elapsed(&sofar))?),
+            None => None,
+        };
+        notify_epoch(cfg, &sofar, saved.as_deref());
     }
 
     if let Some(n) = cfg.ablation {
-        if best.is_none() {
+        if sofar.best.is_none() {
             return Err(TrainError::AblationFailed {
                 n,
                 epochs: cfg.epochs,
-                accuracy: best_ablation_acc * 100.0,
+                accuracy: sofar.best_ablation_acc * 100.0,
                 lr: cfg.lr,
             });
         }
     }
-    let best = best.ok_or_else(|| TrainError::Config("no epoch ran".into()))?;
+    let best = sofar
+        .best
+        .take()
+        .ok_or_else(|| TrainError::Config("no epoch ran".into()))?;
     let positives: Vec<bool> = data.val.iter().map(|s| s.effusion).collect();
+    let mut notes = data.notes(cfg);
+    if let Some(from) = sofar.resumed_from {
+        notes.push(format!(
+            "Resumed from the checkpoint written after epoch {from}; the epochs up to it ran in an earlier process."
+        ));
+    }
     let mut rep = Report {
         model_version: None,
         created_at: pleura::time::now_rfc3339_seconds(),
         data: data.summary(cfg),
         config: serde_json::to_value(cfg).expect("config serialises"),
-        epochs: records,
+        epochs: std::mem::take(&mut sofar.records),
         best_epoch: best.epoch,
         validation: best.eval.clone(),
         roc: metrics::roc_curve(&best.scores, &positives),
         pr: metrics::pr_curve(&best.scores, &positives),
-        training_seconds: started.elapsed().as_secs_f64(),
+        training_seconds: elapsed(&sofar),
         device: format!("{device:?}"),
-        notes: data.notes(cfg),
+        notes,
     };
 
     if cfg.ablation.is_some() {
@@ -315,9 +319,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
         });
     }
 
-    let exported = run.export_best(&best, &rep)?;
+    check_stop(cfg, rep.epochs.len())?;
+    let exported = run.export_best(&best, &rep, sofar.resumed_from)?;
     rep.model_version = Some(exported.manifest.version.clone());
-    rep.training_seconds = started.elapsed().as_secs_f64();
+    rep.training_seconds = elapsed(&sofar);
     report::write_report(&exported.dir, &rep).map_err(|e| TrainError::Report(e.to_string()))?;
     let dir = exported.dir.clone();
     Ok(TrainOutcome {
@@ -325,6 +330,35 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
         report: rep,
         report_dir: dir,
     })
+}
+
+/// What the epochs have produced so far (restored from a checkpoint on resume).
+#[derive(Default)]
+struct SoFar {
+    records: Vec<EpochRecord>,
+    best: Option<Best>,
+    best_ablation_acc: f64,
+    /// Training time spent by earlier trainers on this run.
+    earlier_seconds: f64,
+    /// The checkpoint's epoch (1-based) when resumed.
+    resumed_from: Option<usize>,
+}
+
+/// `Err(Stopped)` when the control asks the run to stop.
+fn check_stop(cfg: &TrainConfig, epoch: usize) -> Result<(), TrainError> {
+    match cfg.control.as_ref().and_then(|c| c.stop()) {
+        Some(reason) => {
+            tracing::info!(epoch, %reason, "run stopped");
+            Err(TrainError::Stopped { reason, epoch })
+        }
+        None => Ok(()),
+    }
+}
+
+fn notify_epoch(cfg: &TrainConfig, sofar: &SoFar, checkpoint: Option<&Path>) {
+    if let (Some(control), Some(record)) = (&cfg.control, sofar.records.last()) {
+        control.epoch(record, checkpoint);
+    }
 }
 
 /// The data of a run: the dataset, its split, and the class weights.
@@ -383,6 +417,33 @@ impl Prepared {
             "split": self.split,
             "class_weights": self.weights,
             "fingerprint": data::fingerprint(&self.val),
+        })
+    }
+
+    /// The settings and data a resumed run must share with the run that
+    /// wrote its checkpoint: everything the weights, the order of batches or
+    /// the choice of the best epoch depend on. Paths, devices, thread counts
+    /// and the version are left out: another trainer may see the same data
+    /// under another path, on another device.
+    fn run_identity(&self, cfg: &TrainConfig) -> serde_json::Value {
+        serde_json::json!({
+            "format": checkpoint::FORMAT,
+            "train_images": self.train.len(),
+            "train_fingerprint": data::fingerprint(&self.train),
+            "val_images": self.val.len(),
+            "val_fingerprint": data::fingerprint(&self.val),
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "width": cfg.width,
+            "image_size": cfg.image_size,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "schedule": cfg.schedule,
+            "class_weights": cfg.class_weights,
+            "seed": cfg.seed,
+            "augment": cfg.augment,
+            "target_recall": cfg.target_recall,
+            "val_fraction": cfg.val_fraction,
         })
     }
 
@@ -456,7 +517,7 @@ struct Run<'a> {
     net: ResNet,
     /// The best epoch's weights, copied in as training goes.
     best_vs: nn::VarStore,
-    opt: nn::Optimizer,
+    opt: Adam,
     loss_weights: Tensor,
     train_loader: Loader,
     val_loader: Loader,
@@ -482,11 +543,11 @@ impl<'a> Run<'a> {
         let net = ResNet::new(&vs.root(), &spec);
         let best_vs = nn::VarStore::new(device);
         let _shadow = ResNet::new(&best_vs.root(), &spec);
-        let opt = nn::Adam {
-            wd: cfg.weight_decay,
-            ..Default::default()
-        }
-        .build(&vs, cfg.lr)?;
+        let adam = AdamConfig {
+            weight_decay: cfg.weight_decay,
+            ..AdamConfig::default()
+        };
+        let opt = Adam::new(&vs, adam, cfg.lr)?;
         let w = data.weights;
         Ok(Run {
             cfg,
@@ -504,12 +565,18 @@ impl<'a> Run<'a> {
     }
 
     /// One epoch: train, recompute batch-norm statistics, evaluate.
+    ///
+    /// Everything random in it derives from (seed, epoch), and the learning
+    /// rate from the epoch, so an epoch after a resume replays as it would
+    /// have in the uninterrupted run.
     fn epoch(&mut self, epoch: usize) -> Result<(EpochRecord, Evaluation, Vec<f32>), TrainError> {
         let cfg = self.cfg;
         let lr = cfg.schedule.lr(cfg.lr, epoch, cfg.epochs);
         self.opt.set_lr(lr);
         let t0 = Instant::now();
-        let epoch_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
+        let seeds = EpochSeeds::derive(cfg.seed, epoch);
+        tch::manual_seed(seeds.torch);
+        let epoch_seed = seeds.data;
         let fit = self.fit(epoch, epoch_seed)?;
         let train_seconds = t0.elapsed().as_secs_f64();
         self.precise_batch_norm(epoch_seed)?;
@@ -536,16 +603,20 @@ impl<'a> Run<'a> {
     }
 
     /// The training pass of one epoch: class-weighted cross-entropy, Adam.
+    /// The control may stop it before any batch.
     fn fit(&mut self, epoch: usize, epoch_seed: u64) -> Result<Fit, TrainError> {
         let cfg = self.cfg;
         let t0 = Instant::now();
         let bar = epoch_bar(cfg.progress, self.train_loader.len(), epoch, cfg.epochs);
         let mut fit = Fit::default();
         let augment = self.augment.map(|a| (a, epoch_seed));
-        for batch in self
+        let batches = self.train_loader.num_batches(cfg.batch_size);
+        let mut loader = self
             .train_loader
-            .epoch(cfg.batch_size, Some(epoch_seed), augment)
-        {
+            .epoch(cfg.batch_size, Some(epoch_seed), augment);
+        for index in 0..batches {
+            check_stop(cfg, epoch + 1)?;
+            let Some(batch) = loader.next() else { break };
             let batch = batch?;
             let (xs, ys) = tensors(&batch, cfg.image_size, self.device);
             let logits = self.net.forward_t(&xs, true);
@@ -556,7 +627,7 @@ impl<'a> Run<'a> {
                 -100,
                 0.0,
             );
-            self.opt.backward_step(&loss);
+            self.opt.backward_step(&loss)?;
             let n = batch.labels.len();
             fit.loss_sum += loss.double_value(&[]) * n as f64;
             fit.correct += logits
@@ -565,12 +636,21 @@ impl<'a> Run<'a> {
                 .sum(Kind::Int64)
                 .int64_value(&[]) as usize;
             fit.seen += n;
+            let images_per_second = fit.seen as f64 / t0.elapsed().as_secs_f64();
             bar.inc(n as u64);
             bar.set_message(format!(
-                "loss {:.4}  {:.1} img/s",
+                "loss {:.4}  {images_per_second:.1} img/s",
                 fit.loss_sum / fit.seen as f64,
-                fit.seen as f64 / t0.elapsed().as_secs_f64()
             ));
+            if let Some(control) = &cfg.control {
+                control.batch(BatchProgress {
+                    epoch: epoch + 1,
+                    epochs: cfg.epochs,
+                    batch: index + 1,
+                    batches,
+                    images_per_second,
+                });
+            }
         }
         bar.finish_and_clear();
         Ok(fit)
@@ -599,8 +679,95 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Writes the checkpoint of the epoch just completed (`sofar`'s last).
+    fn checkpoint(
+        &self,
+        root: &Path,
+        sofar: &SoFar,
+        identity: &serde_json::Value,
+        training_seconds: f64,
+    ) -> Result<PathBuf, TrainError> {
+        let cfg = self.cfg;
+        let best = sofar
+            .best
+            .as_ref()
+            .ok_or_else(|| TrainError::Config("checkpoint before any epoch".into()))?;
+        let epoch = sofar.records.len();
+        let state = CheckpointState {
+            format: checkpoint::FORMAT,
+            epoch,
+            epochs: cfg.epochs,
+            config_fingerprint: checkpoint::fingerprint(identity),
+            config: identity.clone(),
+            seed: cfg.seed,
+            next_epoch_seeds: EpochSeeds::derive(cfg.seed, epoch),
+            records: sofar.records.clone(),
+            best: BestState {
+                epoch: best.epoch,
+                evaluation: best.eval.clone(),
+                val_loss: best.eval.loss.unwrap_or(f64::NAN),
+                scores: best.scores.clone(),
+            },
+            training_seconds,
+            created_at: pleura::time::now_rfc3339_seconds(),
+        };
+        let snapshot = checkpoint::Snapshot {
+            vs: &self.vs,
+            best_vs: &self.best_vs,
+            opt: &self.opt,
+            state: &state,
+        };
+        let dir = checkpoint::write(root, &snapshot)?;
+        tracing::info!(dir = %dir.display(), epoch, "checkpoint written");
+        Ok(dir)
+    }
+
+    /// Loads the checkpoint at `dir` into the run and returns what its
+    /// epochs produced, after checking that it belongs to this run.
+    fn resume(
+        &mut self,
+        dir: &Path,
+        identity: &serde_json::Value,
+        data: &Prepared,
+    ) -> Result<SoFar, TrainError> {
+        let bad = |e: CheckpointError| TrainError::Resume(e.to_string());
+        let state = checkpoint::read_state(dir).map_err(bad)?;
+        state.check_matches(identity).map_err(bad)?;
+        if state.best.scores.len() != data.val.len() {
+            return Err(TrainError::Resume(format!(
+                "the checkpoint scores {} validation images, this split has {}",
+                state.best.scores.len(),
+                data.val.len()
+            )));
+        }
+        checkpoint::load_tensors(dir, &mut self.vs, &mut self.best_vs, &mut self.opt)
+            .map_err(bad)?;
+        // Recomputed rather than read: the scores and loss round-trip
+        // exactly, the floats of a stored evaluation might not.
+        let positives: Vec<bool> = data.val.iter().map(|s| s.effusion).collect();
+        let mut eval = metrics::evaluate(&state.best.scores, &positives, self.cfg.target_recall);
+        eval.loss = Some(state.best.val_loss);
+        tracing::info!(dir = %dir.display(), epoch = state.epoch, best_epoch = state.best.epoch, "resuming");
+        Ok(SoFar {
+            best: Some(Best {
+                epoch: state.best.epoch,
+                eval,
+                scores: state.best.scores,
+            }),
+            best_ablation_acc: 0.0,
+            earlier_seconds: state.training_seconds,
+            resumed_from: Some(state.epoch),
+            records: state.records,
+        })
+    }
+
     /// Exports the best epoch's weights, parity-checked against tract.
-    fn export_best(&mut self, best: &Best, rep: &Report) -> Result<Exported, TrainError> {
+    fn export_best(
+        &mut self,
+        best: &Best,
+        rep: &Report,
+        resumed_from: Option<usize>,
+    ) -> Result<Exported, TrainError> {
         let cfg = self.cfg;
         self.vs.copy(&self.best_vs)?;
         let threshold = best
@@ -610,7 +777,7 @@ impl<'a> Run<'a> {
             .unwrap_or(pleura::model::manifest::DEFAULT_THRESHOLD)
             .clamp(1e-6, 1.0 - 1e-6);
         let parity_inputs = first_images(&self.val_loader, 8, cfg)?;
-        let training = serde_json::json!({
+        let mut training = serde_json::json!({
             "config": rep.config,
             "data": rep.data,
             "best_epoch": best.epoch,
@@ -618,6 +785,14 @@ impl<'a> Run<'a> {
             "device": rep.device,
             "code_revision": export::code_revision(),
         });
+        if let Some(fields) = training.as_object_mut() {
+            if let Some(id) = &cfg.run_id {
+                fields.insert("run_id".into(), id.clone().into());
+            }
+            if let Some(epoch) = resumed_from {
+                fields.insert("resumed_from_epoch".into(), epoch.into());
+            }
+        }
         let req = ExportRequest {
             spec: &self.spec,
             threshold,
@@ -697,6 +872,11 @@ fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
     if cfg.ablation.is_some_and(|n| n < 2) {
         return bad("--ablation needs at least 2 images");
+    }
+    // An ablation is a minute's check, and stops at the first epoch that
+    // overfits: nothing worth resuming.
+    if cfg.ablation.is_some() && (cfg.checkpoint_dir.is_some() || cfg.resume.is_some()) {
+        return bad("--ablation runs are not checkpointed or resumed");
     }
     Ok(())
 }
