@@ -46,8 +46,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const NORMALISATION_MINMAX: &str = "minmax";
 /// Decision threshold on `p_effusion` for untrained models.
 pub const DEFAULT_THRESHOLD: f32 = 0.5;
-/// Longest accepted model version string.
-pub const MAX_VERSION_LEN: usize = 64;
+pub use crate::wire::MAX_VERSION_LEN;
 
 /// What the model's input looks like.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -189,11 +188,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn valid_version(v: &str) -> bool {
-    (1..=MAX_VERSION_LEN).contains(&v.len())
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+use crate::wire::valid_version;
 
 impl Manifest {
     /// Checks every rule a worker relies on. [`ModelFiles::read_dir`] and

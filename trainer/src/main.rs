@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pleura::wire::TrainFlags;
 use pleura_trainer::quantize::{QuantizeConfig, QuantizeOutcome};
-use pleura_trainer::train::{ClassWeights, Schedule, TrainConfig};
+use pleura_trainer::train::TrainConfig;
 
 /// Retrain, evaluate and export the Pleura effusion model.
 #[derive(Parser, Debug)]
@@ -25,6 +26,16 @@ enum Command {
     /// own training split, measured against it on its validation split with
     /// the engine that will serve it, written to OUT/<version>-int8/.
     Quantize(Box<QuantizeArgs>),
+    /// The training service: takes run requests from the `{ns}.train` queue,
+    /// one at a time, with progress, cancel and resume in Redis (see
+    /// `pleura train`). Stops cleanly on SIGTERM: the run in progress is
+    /// released at its next batch and another trainer resumes it.
+    Serve {
+        /// Pleura configuration file; `PLEURA_CONFIG` and `PLEURA_*`
+        /// variables also work.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Draw synthetic CXR-like phantoms in the training layout (for demos and
     /// tests; never a substitute for real data in evaluation).
     Synth {
@@ -55,56 +66,11 @@ struct TrainArgs {
     /// Output folder; the model goes to OUT/<version>/.
     #[arg(long, default_value = "models")]
     out: PathBuf,
-    /// Training epochs.
-    #[arg(long, default_value_t = 10)]
-    epochs: usize,
-    /// Images per batch.
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    /// Width of the first stage; 64 is the seed's ResNet-18, smaller is faster.
-    #[arg(long, default_value_t = 64)]
-    width: i64,
-    /// Side of the square input image.
-    #[arg(long, default_value_t = 256)]
-    image_size: u32,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// Adam weight decay.
-    #[arg(long, default_value_t = 1e-4)]
-    weight_decay: f64,
-    /// Learning-rate schedule: constant, cosine, or step:EVERY:GAMMA.
-    #[arg(long, default_value = "cosine")]
-    schedule: Schedule,
-    /// Loss class weights: auto (inverse training frequency), none, or A,B for
-    /// (effusion, nofinding).
-    #[arg(long, default_value = "auto")]
-    class_weights: ClassWeights,
-    /// Recall on validation that the decision threshold must reach; the highest
-    /// such threshold is chosen.
-    #[arg(long, default_value_t = 0.90)]
-    target_recall: f64,
+    #[command(flatten)]
+    flags: TrainFlags,
     /// Fail-fast check: train on N images only and require 100% training accuracy.
     #[arg(long)]
     ablation: Option<usize>,
-    /// auto (CUDA when available, else CPU), cpu, or cuda.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Seed of the split, shuffles, augmentation and initial weights.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Share of images held out for validation.
-    #[arg(long, default_value_t = 0.2)]
-    val_fraction: f64,
-    /// Turn off training augmentation.
-    #[arg(long)]
-    no_augment: bool,
-    /// Background decoding threads.
-    #[arg(long, default_value_t = 2)]
-    loader_threads: usize,
-    /// Model version (default: generated from the time and the weights).
-    #[arg(long)]
-    version: Option<String>,
     /// After exporting, publish to the registry (promotion gate, signature,
     /// activation, announcement), as `pleura models publish` does.
     #[arg(long)]
@@ -204,6 +170,9 @@ impl QuantOptions {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Serve { config } = &cli.command {
+        return serve(config.as_deref());
+    }
     pleura::telemetry::init_tracing(pleura::config::LogFormat::Human, "warn");
     match cli.command {
         Command::Synth {
@@ -235,6 +204,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Quantize(a) => quantize_command(*a),
+        Command::Serve { .. } => unreachable!("handled above"),
         Command::Train(a) => {
             // Settings are checked before hours of training, not after.
             let publish = if a.publish {
@@ -253,30 +223,11 @@ fn main() -> ExitCode {
                     PathBuf::new(),
                     Some(a.data.clone()),
                     a.out.clone(),
-                    a.loader_threads,
+                    a.flags.loader_threads,
                 )
             });
-            let cfg = TrainConfig {
-                data: a.data,
-                out: a.out,
-                epochs: a.epochs,
-                batch_size: a.batch_size,
-                width: a.width,
-                image_size: a.image_size,
-                lr: a.lr,
-                weight_decay: a.weight_decay,
-                schedule: a.schedule,
-                class_weights: a.class_weights,
-                target_recall: a.target_recall,
-                ablation: a.ablation,
-                device: a.device,
-                seed: a.seed,
-                val_fraction: a.val_fraction,
-                augment: !a.no_augment,
-                loader_threads: a.loader_threads,
-                version: a.version,
-                progress: true,
-            };
+            let mut cfg = TrainConfig::from_flags(a.data, a.out, &a.flags);
+            cfg.ablation = a.ablation;
             match pleura_trainer::train::train(&cfg) {
                 Ok(outcome) => {
                     print_summary(&outcome);
@@ -319,6 +270,44 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn serve(config: Option<&std::path::Path>) -> ExitCode {
+    let settings = match pleura::config::Settings::load(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pleura-trainer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    pleura::telemetry::init_tracing(settings.log_format, &settings.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The executor only moves bytes; training has its own threads.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(pleura_trainer::serve::run(settings, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ pleura_trainer::serve::ServeError::Config(_)) => {
+            tracing::error!(error = %e, "trainer service not started");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "trainer service failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
 

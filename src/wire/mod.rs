@@ -33,6 +33,22 @@ pub const MAX_CORRELATION_HEADERS: usize = 16;
 pub const MAX_CORRELATION_VALUE: usize = 256;
 /// Longest accepted job id.
 pub const MAX_JOB_ID_LEN: usize = 128;
+/// Longest accepted model version string.
+pub const MAX_VERSION_LEN: usize = 64;
+
+pub mod train;
+pub use train::{
+    valid_run_id, Attempt, BadFlag, CancelRequest, ClassWeights, DeviceChoice, EpochFigures,
+    RunEvent, RunEventKind, RunRecord, RunState, Schedule, TrainFlags, TrainRequest,
+    TRAIN_SCHEMA_VERSION,
+};
+
+/// Whether `v` is a usable model version: `[A-Za-z0-9._-]{1,64}`.
+pub fn valid_version(v: &str) -> bool {
+    (1..=MAX_VERSION_LEN).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
 
 /// Urgency of a scan. STAT scans overtake any routine backlog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -199,6 +215,40 @@ impl Names {
     /// [`Names::models_exchange`].
     pub fn models_queue(&self, worker_id: &str) -> String {
         format!("{}.models.{}", self.ns, worker_id)
+    }
+
+    /// Quorum queue of [`TrainRequest`]s, which trainer services take one at
+    /// a time.
+    pub fn train_queue(&self) -> String {
+        format!("{}.train", self.ns)
+    }
+
+    /// Redis hash of one training run: `state`, `doc` (the [`RunRecord`]
+    /// JSON), `cancel`, `attempts`.
+    pub fn train_run_key(&self, run_id: &str) -> String {
+        format!("{}:train:run:{}", self.ns, run_id)
+    }
+
+    /// Redis key holding the id of the trainer that holds a run, expiring
+    /// unless renewed: the run's lease.
+    pub fn train_lease_key(&self, run_id: &str) -> String {
+        format!("{}:train:lease:{}", self.ns, run_id)
+    }
+
+    /// Redis stream of one run's [`RunEvent`]s.
+    pub fn train_events(&self, run_id: &str) -> String {
+        format!("{}:train:events:{}", self.ns, run_id)
+    }
+
+    /// Redis sorted set of run ids, scored by submission time (ms).
+    pub fn train_runs_index(&self) -> String {
+        format!("{}:train:runs", self.ns)
+    }
+
+    /// Redis set of runs that are queued or running: where trainers look
+    /// for runs whose lease expired.
+    pub fn train_open_runs(&self) -> String {
+        format!("{}:train:open", self.ns)
     }
 
     /// Redis key of one published version's [`RegistryEntry`].
