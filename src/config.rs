@@ -175,6 +175,24 @@ pub struct Settings {
     /// Longest wait between two attempts at writing a result to Redis.
     #[serde(default = "default_redis_max_backoff_ms")]
     pub redis_max_backoff_ms: u64,
+    /// Where training runs keep their checkpoints (`pleura-trainer serve`):
+    /// `file:///dir` or `s3://bucket/prefix`, like `registry_url`. Every
+    /// trainer that may resume another's run must reach it.
+    #[serde(default = "default_runs_url")]
+    pub runs_url: String,
+    /// A trainer's local scratch: datasets fetched from `s3://`, the
+    /// checkpoints of its current run, exported models before upload.
+    #[serde(default = "default_trainer_work_dir")]
+    pub trainer_work_dir: PathBuf,
+    /// Seconds a trainer's claim on a run lives unless renewed (it renews
+    /// every third of it). A run whose trainer died waits this long before
+    /// another trainer resumes it.
+    #[serde(default = "default_trainer_lease_secs")]
+    pub trainer_lease_secs: u64,
+    /// Trainers that may take a run in turn before it is failed: a run that
+    /// kills its trainer every time (out of memory, say) is not retried forever.
+    #[serde(default = "default_trainer_max_attempts")]
+    pub trainer_max_attempts: u32,
     /// `human` or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -239,6 +257,18 @@ fn default_shutdown_grace_secs() -> u64 {
 }
 fn default_redis_max_backoff_ms() -> u64 {
     5_000
+}
+fn default_runs_url() -> String {
+    "file:///var/lib/pleura/runs".into()
+}
+fn default_trainer_work_dir() -> PathBuf {
+    PathBuf::from("/var/lib/pleura/trainer")
+}
+fn default_trainer_lease_secs() -> u64 {
+    30
+}
+fn default_trainer_max_attempts() -> u32 {
+    3
 }
 fn default_log_level() -> String {
     "info".into()

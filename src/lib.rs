@@ -24,6 +24,8 @@
 //! - [`tls`]: TLS to RabbitMQ and Redis (rustls): the CA bundle and client
 //!   certificate of each, read from PEM files.
 //! - [`time`]: epoch milliseconds and RFC 3339, the one way each is made.
+//! - [`training`]: training as a service: requests on the `{ns}.train`
+//!   queue, run records, leases and events in Redis, datasets by URL.
 //! - [`cli`]: the `pleura` command line. Nothing else in the crate uses it.
 //!
 //! Lower layers never import higher ones: `wire`, `time`, `tls` and `scan`
@@ -39,4 +41,5 @@ pub mod scan;
 pub mod telemetry;
 pub mod time;
 pub mod tls;
+pub mod training;
 pub mod wire;

@@ -14,6 +14,7 @@
 //! - `models`: `models init | keygen | publish | list | show | activate |
 //!   history | verify`.
 //! - `fleet`: `fleet status`.
+//! - `train`: `train submit | watch | list | show | cancel`.
 //! - `bench`: `bench engine`.
 //! - `output`: the table and JSON rows, progress bars, exit codes.
 
@@ -31,6 +32,7 @@ mod fleet;
 mod models;
 mod output;
 mod scans;
+mod train;
 
 pub use scans::collect_scans;
 
@@ -77,6 +79,9 @@ pub enum Command {
     /// The fleet: workers, their models and health.
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
+    /// Retraining runs on the trainer service: submit, watch, list, show, cancel.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
     /// Measure this machine: engine-only throughput, per-operation profile.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -96,6 +101,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         }),
         Command::Models(cmd) => models::run(&settings, cmd).await,
         Command::Fleet(cmd) => fleet::run(&settings, cmd).await,
+        Command::Train(cmd) => train::run(&settings, cmd).await,
         Command::Bench(cmd) => tokio::task::block_in_place(|| bench::run(&settings, cmd)),
     };
     match outcome {

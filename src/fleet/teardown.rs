@@ -30,6 +30,7 @@ pub async fn delete_topology(channel: &Channel, names: &Names) -> Result<(), Bro
         names.stat_queue(),
         names.routine_queue(),
         names.dead_queue(),
+        names.train_queue(),
     ] {
         channel.queue_delete(q.into(), Default::default()).await?;
     }

@@ -35,4 +35,4 @@ pub use gate::{gate, manifest_auroc, manifest_fingerprint, manifest_recall, Gate
 pub use publish::{activate, publish, Promotion, Publication, PublishError, PublishRequest};
 pub use signing::{SignatureError, Trust};
 pub use state::{who, PublishOptions, Published, Registry, HISTORY_LEN};
-pub use store::ArtifactStore;
+pub use store::{open_url, ArtifactStore};

@@ -16,6 +16,55 @@ use super::error::RegistryError;
 use super::signing::SIGNATURE_FILE;
 use crate::model::manifest::{MANIFEST_FILE, ONNX_FILE};
 
+/// Opens `file:///abs/dir` (created if missing) or `s3://bucket/prefix`:
+/// the store, the key prefix inside it, and the URL as it is printed. For
+/// S3, region, endpoint (`AWS_ENDPOINT_URL` for S3-compatible servers),
+/// `AWS_ALLOW_HTTP` and credentials come from the environment, as every AWS
+/// tool reads them. The registry and the training runs' checkpoints both
+/// open their stores here.
+pub fn open_url(url: &str) -> Result<(Arc<dyn ObjectStore>, String, String), RegistryError> {
+    let bad = |reason: String| RegistryError::BadUrl {
+        url: url.to_string(),
+        reason,
+    };
+    let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    match parsed.scheme() {
+        "file" => {
+            let dir = parsed
+                .to_file_path()
+                .map_err(|_| bad("not an absolute file path".into()))?;
+            std::fs::create_dir_all(&dir).map_err(|e| bad(e.to_string()))?;
+            // Deleting the last object of a folder removes the folder: a runs
+            // store does not fill with empty checkpoint folders.
+            let store = LocalFileSystem::new_with_prefix(&dir)?.with_automatic_cleanup(true);
+            Ok((
+                Arc::new(store),
+                String::new(),
+                url.trim_end_matches('/').to_string(),
+            ))
+        }
+        "s3" => {
+            // object_store's HTTP client speaks TLS through rustls with
+            // whichever provider the process installed; we build with
+            // ring only.
+            crate::tls::install_crypto_provider();
+            let bucket = parsed
+                .host_str()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| bad("no bucket".into()))?;
+            let store = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()?;
+            Ok((
+                Arc::new(store),
+                parsed.path().trim_matches('/').to_string(),
+                format!("s3://{bucket}{}", parsed.path().trim_end_matches('/')),
+            ))
+        }
+        other => Err(bad(format!("scheme {other:?} is not file or s3"))),
+    }
+}
+
 /// The object store holding model artifacts, with the key prefix under it.
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
@@ -30,44 +79,8 @@ impl ArtifactStore {
     /// servers), `AWS_ALLOW_HTTP` and credentials come from the environment,
     /// as every AWS tool reads them.
     pub fn open(url: &str) -> Result<ArtifactStore, RegistryError> {
-        let bad = |reason: String| RegistryError::BadUrl {
-            url: url.to_string(),
-            reason,
-        };
-        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        match parsed.scheme() {
-            "file" => {
-                let dir = parsed
-                    .to_file_path()
-                    .map_err(|_| bad("not an absolute file path".into()))?;
-                std::fs::create_dir_all(&dir).map_err(|e| bad(e.to_string()))?;
-                let store = LocalFileSystem::new_with_prefix(&dir)?;
-                Ok(ArtifactStore {
-                    store: Arc::new(store),
-                    prefix: String::new(),
-                    url: url.trim_end_matches('/').to_string(),
-                })
-            }
-            "s3" => {
-                // object_store's HTTP client speaks TLS through rustls with
-                // whichever provider the process installed; we build with
-                // ring only.
-                crate::tls::install_crypto_provider();
-                let bucket = parsed
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| bad("no bucket".into()))?;
-                let store = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()?;
-                Ok(ArtifactStore {
-                    store: Arc::new(store),
-                    prefix: parsed.path().trim_matches('/').to_string(),
-                    url: format!("s3://{bucket}{}", parsed.path().trim_end_matches('/')),
-                })
-            }
-            other => Err(bad(format!("scheme {other:?} is not file or s3"))),
-        }
+        let (store, prefix, url) = open_url(url)?;
+        Ok(ArtifactStore { store, prefix, url })
     }
 
     /// The store's URL (never holds credentials: they come from the environment).
