@@ -6,6 +6,7 @@
 //! Every wait is bounded by a timeout; nothing sleeps a fixed time and hopes.
 
 pub mod poison;
+pub mod trainer;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

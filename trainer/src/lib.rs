@@ -20,6 +20,8 @@
 //! - [`metrics`]: AUROC, PR-AUC, threshold for a target recall, confusion matrix.
 //! - [`export`]: parity check (tract vs tch) and the model directory.
 //! - [`report`]: `report.json`, plots and `report.md`.
+//! - [`serve`]: `pleura-trainer serve`, the training service: requests from
+//!   the queue, leases, progress and cancel in Redis, checkpoints, publish.
 //! - [`quantize`]: int8 variants, calibrated on the training split and
 //!   measured against their parent on its validation split.
 
@@ -33,4 +35,5 @@ pub mod model;
 pub mod optim;
 pub mod quantize;
 pub mod report;
+pub mod serve;
 pub mod train;

@@ -1,0 +1,636 @@
+//! The training service end to end: `pleura train` against real
+//! `pleura-trainer serve` processes, the real RabbitMQ, Redis and libtorch,
+//! on phantom datasets.
+//!
+//! Every case has its own namespace, registry, runs store and trainers, so
+//! the cases run side by side; each trains tiny models (width 8-16, 64-128
+//! px) so that a run takes seconds on two cores.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pleura::wire::{RunEventKind, RunRecord, RunState};
+use pleura_tests::trainer::{phantom_dataset, run_store, wait_run, TrainerEnv, TrainerProc};
+use pleura_tests::{http_get, model_variant, url_for_dir, wait_until, Fleet, Keys};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn file_url(dir: &Path) -> String {
+    url_for_dir(dir)
+}
+
+/// The run id `pleura train submit` printed (its last stdout line).
+fn run_id(stdout: &str) -> String {
+    stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("run-") || l.starts_with("t-"))
+        .map(|l| l.split_whitespace().next().unwrap_or(l).to_string())
+        .unwrap_or_else(|| panic!("no run id in {stdout:?}"))
+}
+
+async fn show(fleet: &Fleet, id: &str) -> RunRecord {
+    let out = fleet
+        .cli(["train", "show", "--json", id], &[])
+        .await
+        .expect_ok();
+    serde_json::from_str(&out.stdout).expect("show --json prints a run record")
+}
+
+/// What acceptance asks for first: `submit --publish --wait` trains on a
+/// running service, publishes through the gate (signed), and the running
+/// workers hot-reload the new model; the manifest names the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_trains_publishes_and_the_fleet_reloads() {
+    let fleet = Fleet::new("train-pub", 8);
+    let keys = Keys::generate(fleet.tmp(), "k");
+    let data = fleet.tmp().join("data");
+    phantom_dataset(&data, 60, 128, 0.3).await;
+    // The fleet serves a first model, which the run's model replaces.
+    let first = fleet.publish(&model_variant(1, 8), Some(&keys), true).await;
+    let worker = fleet
+        .spawn_ready_worker(fleet.registry_settings(&keys, "w1"))
+        .await;
+    fleet
+        .wait_fleet_on(&["w1"], &first.entry.version, Duration::from_secs(60))
+        .await;
+    // Three epochs on phantoms make a weak model (validation AUROC 0.45 to
+    // 0.75 on 12 images): the fleet's gate is set to what such a model can
+    // pass, and the refusal is the subject of another case.
+    let mut env = TrainerEnv::new(&fleet);
+    env.extra = vec![
+        ("PLEURA_GATE_MIN_AUROC".into(), "0.0".into()),
+        ("PLEURA_GATE_MIN_RECALL".into(), "0.5".into()),
+    ];
+    let trainer = TrainerProc::start(&fleet, &keys, &env, "trainer-a").await;
+
+    let out = fleet
+        .cli(
+            [
+                "train",
+                "submit",
+                "--data",
+                &file_url(&data),
+                "--epochs",
+                "3",
+                "--width",
+                "16",
+                "--image-size",
+                "128",
+                "--batch-size",
+                "8",
+                "--device",
+                "auto",
+                "--publish",
+                "--reason",
+                "acceptance",
+                "--wait",
+            ],
+            &[],
+        )
+        .await
+        .expect_ok();
+    assert!(
+        out.stdout.contains("published and active"),
+        "{}",
+        out.stdout
+    );
+    let id = run_id(out.stdout.lines().next().unwrap_or_default());
+    let record = show(&fleet, &id).await;
+    assert_eq!(record.state, RunState::Succeeded, "{record:#?}");
+    assert_eq!(record.activated, Some(true));
+    assert!(
+        record.gate_refusals.is_empty(),
+        "{:?}",
+        record.gate_refusals
+    );
+    assert_eq!(record.epoch, 3);
+    assert_eq!(
+        record.device.as_deref(),
+        Some("cpu"),
+        "no GPU here: CPU fallback"
+    );
+    assert!(record.images_per_second.unwrap_or(0.0) > 0.0);
+    assert_eq!(record.attempts.len(), 1);
+    assert_eq!(record.attempts[0].trainer, "trainer-a");
+    let version = record.model_version.clone().expect("a model version");
+
+    // Published through the gate, signed, with the run in its manifest.
+    let entry = fleet
+        .registry()
+        .await
+        .entry(&version)
+        .await
+        .expect("registry")
+        .expect("the run's model is published");
+    assert!(entry.key_id.is_some(), "signed with the trainer's key");
+    assert!(
+        matches!(entry.gate, pleura::wire::GateOutcome::Passed),
+        "{:?}",
+        entry.gate
+    );
+    let training = entry.manifest.training.clone().expect("training section");
+    assert_eq!(training["run_id"], id.as_str(), "{training}");
+    assert_eq!(
+        fleet.registry().await.active().await.unwrap().as_deref(),
+        Some(version.as_str())
+    );
+
+    // The running worker moves to it without a restart.
+    let took = fleet
+        .wait_fleet_on(&["w1"], &version, Duration::from_secs(60))
+        .await;
+    eprintln!("TRAIN-SERVICE published {version}; worker on it {took:?} later");
+
+    // The stream holds the whole story, in order.
+    let events = run_store(&fleet)
+        .await
+        .events(&id, "-", 10_000)
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| match e.kind {
+            RunEventKind::Queued { .. } => "queued",
+            RunEventKind::Started { .. } => "started",
+            RunEventKind::Device { .. } => "device",
+            RunEventKind::Progress { .. } => "progress",
+            RunEventKind::Epoch(_) => "epoch",
+            RunEventKind::Checkpoint { .. } => "checkpoint",
+            RunEventKind::CancelRequested { .. } => "cancel",
+            RunEventKind::Interrupted { .. } => "interrupted",
+            RunEventKind::Finished { .. } => "finished",
+        })
+        .collect();
+    assert_eq!(kinds.first(), Some(&"queued"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"finished"), "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "epoch").count(),
+        3,
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"progress"), "{kinds:?}");
+    // The metrics say what the trainer did.
+    let (_, metrics) = http_get(trainer.http, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("pleura_trainer_runs_total{outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pleura_trainer_epoch_seconds"),
+        "{metrics}"
+    );
+    worker.stop().await.expect("worker stops");
+}
+
+/// Progress is visible while a run trains (`watch`, `show`, `list`, the
+/// stream); a cancel mid-run leaves `cancelled`, no model, and a trainer
+/// that takes the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_visible_and_a_cancel_stops_the_run_cleanly() {
+    let fleet = Fleet::new("train-cancel", 8);
+    let keys = Keys::generate(fleet.tmp(), "k");
+    let data = fleet.tmp().join("data");
+    phantom_dataset(&data, 60, 96, 0.3).await;
+    let env = TrainerEnv::new(&fleet);
+    let mut trainer = TrainerProc::start(&fleet, &keys, &env, "trainer-c").await;
+    let out = fleet
+        .cli(
+            [
+                "train",
+                "submit",
+                "--data",
+                &file_url(&data),
+                "--epochs",
+                "200",
+                "--width",
+                "8",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+            ],
+            &[],
+        )
+        .await
+        .expect_ok();
+    let id = run_id(&out.stdout);
+    // `watch --json` follows it live, from another process.
+    let watch = {
+        let mut cmd = tokio::process::Command::new(pleura_tests::bin("pleura"));
+        cmd.args(["train", "watch", "--json", &id])
+            .envs(fleet.env())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd.spawn().expect("spawn watch")
+    };
+    let runs = run_store(&fleet).await;
+    let r = wait_run(&runs, &id, "two epochs done", RUN_TIMEOUT, |r| r.epoch >= 2).await;
+    assert_eq!(r.state, RunState::Running);
+    assert_eq!(r.trainer.as_deref(), Some("trainer-c"));
+    assert!(
+        r.last_epoch.is_some() && r.checkpoint_epoch.is_some(),
+        "{r:#?}"
+    );
+    let shown = fleet.cli(["train", "show", &id], &[]).await.expect_ok();
+    assert!(
+        shown.stdout.contains("state      running"),
+        "{}",
+        shown.stdout
+    );
+    assert!(shown.stdout.contains("device     cpu"), "{}", shown.stdout);
+    let listed = fleet.cli(["train", "list"], &[]).await.expect_ok();
+    assert!(
+        listed.stdout.contains(&id) && listed.stdout.contains("running"),
+        "{}",
+        listed.stdout
+    );
+
+    let cancelled = fleet.cli(["train", "cancel", &id], &[]).await.expect_ok();
+    assert!(
+        cancelled.stdout.contains("cancel requested"),
+        "{}",
+        cancelled.stdout
+    );
+    let r = wait_run(&runs, &id, "cancelled", RUN_TIMEOUT, |r| {
+        r.state.is_terminal()
+    })
+    .await;
+    assert_eq!(r.state, RunState::Cancelled, "{r:#?}");
+    assert!(r.epoch < 200);
+    let by = r.cancel.as_ref().expect("who cancelled").by.clone();
+    assert!(by.contains('@'), "{by}");
+    assert_eq!(r.model_version, None);
+    assert!(
+        fleet.registry().await.entries().await.unwrap().is_empty(),
+        "no model may be published"
+    );
+    // Nothing half-written in the trainer's scratch or the runs store.
+    let work = fleet.tmp().join("trainer-work/trainer-c/runs").join(&id);
+    wait_until("scratch cleaned", Duration::from_secs(30), || {
+        let work = work.clone();
+        async move { !work.exists() }
+    })
+    .await;
+    assert!(!fleet.tmp().join("runs").join(&id).join("latest").exists());
+
+    let watched = tokio::time::timeout(Duration::from_secs(60), watch.wait_with_output())
+        .await
+        .expect("watch ends with the run")
+        .expect("watch output");
+    assert_eq!(
+        watched.status.code(),
+        Some(1),
+        "a cancelled run is not a success"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    for kind in [
+        "queued",
+        "started",
+        "progress",
+        "epoch",
+        "checkpoint",
+        "cancel_requested",
+        "finished",
+    ] {
+        assert!(
+            lines.iter().any(|l| l["event"] == kind),
+            "no {kind} event in {lines:#?}"
+        );
+    }
+    assert_eq!(lines.last().unwrap()["state"], "cancelled");
+
+    // The trainer takes the next request.
+    let next = fleet
+        .cli(
+            [
+                "train",
+                "submit",
+                "--data",
+                &file_url(&data),
+                "--epochs",
+                "1",
+                "--width",
+                "8",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--wait",
+            ],
+            &[],
+        )
+        .await
+        .expect_ok();
+    assert!(next.stdout.contains("succeeded"), "{}", next.stdout);
+    assert!(trainer.alive());
+    let status = trainer.terminate(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status:?}\n{}",
+        trainer.log_text()
+    );
+}
+
+/// kill -9 of the trainer mid-run: once its lease expires a second trainer
+/// resumes from the last checkpoint and finishes; the record shows both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_trainers_run_is_resumed_by_another() {
+    let fleet = Fleet::new("train-kill", 8);
+    let keys = Keys::generate(fleet.tmp(), "k");
+    let data = fleet.tmp().join("data");
+    phantom_dataset(&data, 60, 96, 0.3).await;
+    let env = TrainerEnv::new(&fleet);
+    let mut a = TrainerProc::start(&fleet, &keys, &env, "trainer-a").await;
+    let out = fleet
+        .cli(
+            [
+                "train",
+                "submit",
+                "--data",
+                &file_url(&data),
+                "--epochs",
+                "6",
+                "--width",
+                "8",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+            ],
+            &[],
+        )
+        .await
+        .expect_ok();
+    let id = run_id(&out.stdout);
+    let runs = run_store(&fleet).await;
+    let r = wait_run(&runs, &id, "a checkpoint after epoch 2", RUN_TIMEOUT, |r| {
+        r.checkpoint_epoch >= Some(2)
+    })
+    .await;
+    a.kill().await;
+    let killed_after = r.checkpoint_epoch.unwrap();
+    let b = TrainerProc::start(&fleet, &keys, &env, "trainer-b").await;
+    let r = wait_run(&runs, &id, "finished", RUN_TIMEOUT, |r| {
+        r.state.is_terminal()
+    })
+    .await;
+    assert_eq!(r.state, RunState::Succeeded, "{r:#?}\n{}", b.log_text());
+    let trainers: Vec<&str> = r.attempts.iter().map(|a| a.trainer.as_str()).collect();
+    assert_eq!(trainers, ["trainer-a", "trainer-b"], "{r:#?}");
+    let resumed = r.attempts[1]
+        .resumed_from_epoch
+        .expect("resumed from a checkpoint");
+    assert!(
+        resumed >= killed_after,
+        "resumed after {resumed}, checkpointed {killed_after}"
+    );
+    assert_eq!(
+        r.attempts[0].ended, None,
+        "a killed trainer records nothing"
+    );
+    assert_eq!(r.epoch, 6);
+    // The same kind of model as an uninterrupted run, naming its resume.
+    let entry = fleet
+        .registry()
+        .await
+        .entry(r.model_version.as_deref().unwrap())
+        .await
+        .unwrap()
+        .expect("the model is in the registry");
+    assert_eq!(entry.manifest.spec.image_size, 64);
+    let training = entry.manifest.training.clone().unwrap();
+    assert_eq!(training["run_id"], id.as_str());
+    assert_eq!(training["resumed_from_epoch"], resumed, "{training}");
+    // Not published: uploaded, not active.
+    assert_eq!(r.activated, Some(false));
+    assert_eq!(fleet.registry().await.active().await.unwrap(), None);
+    let events = runs.events(&id, "-", 10_000).await.unwrap();
+    assert!(events.iter().any(|(_, e)| matches!(
+        e.kind,
+        RunEventKind::Started {
+            attempt: 2,
+            resumed_from_epoch: Some(_),
+            ..
+        }
+    )));
+    eprintln!("TRAIN-SERVICE kill -9 after checkpoint {killed_after}; trainer-b resumed after epoch {resumed}");
+}
+
+/// Two requests submitted together on one trainer run one after the other.
+/// Both ask to publish, and the gate (set out of reach) refuses both: each
+/// model is recorded in the registry and the run, and neither is active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_requests_run_one_after_the_other_and_the_gate_refuses_both() {
+    let fleet = Fleet::new("train-two", 8);
+    let keys = Keys::generate(fleet.tmp(), "k");
+    let data = fleet.tmp().join("data");
+    phantom_dataset(&data, 40, 64, 0.3).await;
+    let mut env = TrainerEnv::new(&fleet);
+    env.extra = vec![("PLEURA_GATE_MIN_AUROC".into(), "0.9999".into())];
+    let _t = TrainerProc::start(&fleet, &keys, &env, "trainer-1").await;
+    let submit = || async {
+        let out = fleet
+            .cli(
+                [
+                    "train",
+                    "submit",
+                    "--data",
+                    &file_url(&data),
+                    "--epochs",
+                    "2",
+                    "--width",
+                    "8",
+                    "--image-size",
+                    "64",
+                    "--batch-size",
+                    "8",
+                    "--publish",
+                ],
+                &[],
+            )
+            .await
+            .expect_ok();
+        run_id(&out.stdout)
+    };
+    let (x, y) = tokio::join!(submit(), submit());
+    let runs = run_store(&fleet).await;
+    let rx = wait_run(&runs, &x, "done", RUN_TIMEOUT, |r| r.state.is_terminal()).await;
+    let ry = wait_run(&runs, &y, "done", RUN_TIMEOUT, |r| r.state.is_terminal()).await;
+    assert_eq!(
+        (rx.state, ry.state),
+        (RunState::Succeeded, RunState::Succeeded)
+    );
+    let (first, second) = if rx.started_at <= ry.started_at {
+        (&rx, &ry)
+    } else {
+        (&ry, &rx)
+    };
+    assert!(
+        second.started_at.as_deref() >= first.finished_at.as_deref(),
+        "one trainer runs one at a time: {first:#?} {second:#?}"
+    );
+    assert_ne!(rx.model_version, ry.model_version);
+    let registry = fleet.registry().await;
+    for r in [&rx, &ry] {
+        assert_eq!(r.activated, Some(false), "{r:#?}");
+        assert!(
+            r.gate_refusals.iter().any(|g| g.contains("AUROC")),
+            "{r:#?}"
+        );
+        let entry = registry
+            .entry(r.model_version.as_deref().unwrap())
+            .await
+            .unwrap()
+            .expect("a refused model is kept for inspection");
+        assert!(
+            matches!(entry.gate, pleura::wire::GateOutcome::Forced { .. }),
+            "{:?}",
+            entry.gate
+        );
+    }
+    assert_eq!(
+        registry.active().await.unwrap(),
+        None,
+        "a refused model is never active"
+    );
+    let watched = fleet
+        .cli(["train", "watch", &rx.request.run_id], &[])
+        .await
+        .expect_code(1);
+    assert!(
+        watched.stdout.contains("promotion gate refused"),
+        "{}",
+        watched.stdout
+    );
+}
+
+/// Bad requests fail clearly, at submission where they can be seen, or as
+/// a failed run with the reason; none of them harms the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_fail_clearly_and_the_service_carries_on() {
+    let fleet = Fleet::new("train-bad", 8);
+    let keys = Keys::generate(fleet.tmp(), "k");
+    let env = TrainerEnv::new(&fleet);
+    let mut trainer = TrainerProc::start(&fleet, &keys, &env, "trainer-x").await;
+    let good = fleet.tmp().join("good");
+    phantom_dataset(&good, 30, 64, 0.3).await;
+    let tiny = [
+        "--epochs",
+        "1",
+        "--width",
+        "8",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "8",
+    ];
+    let submit = |data: String, extra: Vec<&'static str>| {
+        let fleet = &fleet;
+        async move {
+            let mut args = vec!["train".to_string(), "submit".into(), "--data".into(), data];
+            args.extend(tiny.iter().map(|s| s.to_string()));
+            args.extend(extra.iter().map(|s| s.to_string()));
+            fleet.cli(args, &[]).await
+        }
+    };
+
+    // At submission: nothing is queued.
+    let missing = submit(
+        file_url(&fleet.tmp().join("none")).replace("/none", "/absent"),
+        vec![],
+    )
+    .await;
+    let missing = missing.expect_code(2);
+    assert!(
+        missing.stderr.contains("no such directory"),
+        "{}",
+        missing.stderr
+    );
+    let unknown = submit(file_url(&good), vec!["--epochz", "3"])
+        .await
+        .expect_code(2);
+    assert!(unknown.stderr.contains("--epochz"), "{}", unknown.stderr);
+    let impossible = submit(file_url(&good), vec!["--val-fraction", "1.5"])
+        .await
+        .expect_code(2);
+    assert!(
+        impossible.stderr.contains("--val-fraction 1.5"),
+        "{}",
+        impossible.stderr
+    );
+    let one_class = fleet.tmp().join("one-class");
+    std::fs::create_dir_all(one_class.join("nofinding")).unwrap();
+    std::fs::create_dir_all(one_class.join("effusion")).unwrap();
+    for f in std::fs::read_dir(good.join("effusion")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), one_class.join("effusion").join(f.file_name())).unwrap();
+    }
+    let empty = submit(file_url(&one_class), vec![]).await.expect_code(2);
+    assert!(
+        empty.stderr.contains("no images") && empty.stderr.contains("nofinding/"),
+        "{}",
+        empty.stderr
+    );
+    assert!(
+        run_store(&fleet).await.list(10).await.unwrap().is_empty(),
+        "nothing was queued"
+    );
+    assert_eq!(fleet.ready_count(&fleet.names.train_queue()).await, 0);
+
+    // A corrupt image inside: a failed run that names it.
+    let corrupt = fleet.tmp().join("corrupt");
+    std::fs::create_dir_all(corrupt.join("effusion")).unwrap();
+    std::fs::create_dir_all(corrupt.join("nofinding")).unwrap();
+    for class in ["effusion", "nofinding"] {
+        for f in std::fs::read_dir(good.join(class)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), corrupt.join(class).join(f.file_name())).unwrap();
+        }
+    }
+    std::fs::write(
+        corrupt.join("nofinding/broken.png"),
+        b"\x89PNG\r\n\x1a\n not really",
+    )
+    .unwrap();
+    let out = submit(file_url(&corrupt), vec!["--wait"])
+        .await
+        .expect_code(1);
+    assert!(
+        out.stdout.contains("failed") && out.stdout.contains("broken.png"),
+        "{}",
+        out.stdout
+    );
+
+    // A request no trainer can read: dead-lettered, the service unharmed.
+    let (_conn, publisher) = fleet.publisher().await;
+    publisher
+        .channel()
+        .basic_publish(
+            "".into(),
+            fleet.names.train_queue().as_str().into(),
+            Default::default(),
+            b"{not json",
+            lapin::BasicProperties::default().with_message_id("garbage".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_until(
+        "the unreadable request dead-lettered",
+        Duration::from_secs(30),
+        || async { fleet.ready_count(&fleet.names.dead_queue()).await == 1 },
+    )
+    .await;
+
+    // Still ready, and the next good request succeeds.
+    assert!(trainer.alive(), "{}", trainer.log_text());
+    let (status, _) = http_get(trainer.http, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
+    let ok = submit(file_url(&good), vec!["--wait"]).await.expect_ok();
+    assert!(ok.stdout.contains("succeeded"), "{}", ok.stdout);
+}
