@@ -173,3 +173,131 @@ async fn an_s3_registry_publishes_verifies_and_serves() {
     let _ = worker.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
 }
+
+/// The training service with S3 on both sides: the dataset is an `s3://`
+/// prefix (checked at submission, fetched by the trainer) and the run's
+/// checkpoints go to an `s3://` runs store, then are deleted at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_run_reads_s3_data_and_checkpoints_to_s3() {
+    use pleura_tests::trainer::{phantom_dataset, run_store, wait_run, TrainerEnv, TrainerProc};
+    let Some(python) = python_with_moto() else {
+        skip(
+            "a_training_run_reads_s3_data_and_checkpoints_to_s3",
+            "PLEURA_PYTHON with moto[server] is not available (make test provides it)",
+        );
+        return;
+    };
+    let fleet = Fleet::new("s3-train", 8);
+    let s3 = start_s3(&python, &fleet.tmp().join("moto.log")).await;
+    let env = aws_env(&s3.endpoint);
+    let data = fleet.tmp().join("data");
+    phantom_dataset(&data, 40, 64, 0.3).await;
+    let script = format!(
+        "import boto3, os\n\
+         s3 = boto3.client('s3', endpoint_url='{ep}')\n\
+         s3.create_bucket(Bucket='pleura-train')\n\
+         root = '{root}'\n\
+         for d, _, fs in os.walk(root):\n\
+         \x20   for f in fs:\n\
+         \x20       p = os.path.join(d, f)\n\
+         \x20       s3.upload_file(p, 'pleura-train', 'datasets/ph/' + os.path.relpath(p, root))\n",
+        ep = s3.endpoint,
+        root = data.display()
+    );
+    let up = std::process::Command::new(&python)
+        .args(["-c", &script])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .status()
+        .unwrap();
+    assert!(up.success(), "upload the dataset");
+
+    let keys = Keys::generate(fleet.tmp(), "k");
+    let mut tenv = TrainerEnv::new(&fleet);
+    tenv.runs_url = "s3://pleura-train/runs".into();
+    tenv.extra = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let _trainer = TrainerProc::start(&fleet, &keys, &tenv, "trainer-s3").await;
+    let cli_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let missing = fleet
+        .cli(
+            [
+                "train",
+                "submit",
+                "--data",
+                "s3://pleura-train/datasets/nothing-here",
+                "--epochs",
+                "1",
+            ],
+            &cli_env,
+        )
+        .await
+        .expect_code(2);
+    assert!(missing.stderr.contains("no images"), "{}", missing.stderr);
+    let out = fleet
+        .cli(
+            [
+                "train",
+                "submit",
+                "--data",
+                "s3://pleura-train/datasets/ph",
+                "--epochs",
+                "2",
+                "--width",
+                "8",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--wait",
+            ],
+            &cli_env,
+        )
+        .await
+        .expect_ok();
+    let id = out.stdout.lines().next().unwrap().trim().to_string();
+    let runs = run_store(&fleet).await;
+    let r = wait_run(&runs, &id, "ended", Duration::from_secs(120), |r| {
+        r.state.is_terminal()
+    })
+    .await;
+    assert_eq!(r.state, pleura::wire::RunState::Succeeded, "{r:#?}");
+    assert_eq!(r.checkpoint_epoch, Some(2), "both checkpoints reached S3");
+    let fetched = fleet.tmp().join("trainer-work/trainer-s3/datasets");
+    let n = walk(&fetched);
+    assert_eq!(n, 41, "40 images and labels.csv fetched into the work dir");
+    let left = std::process::Command::new(&python)
+        .args([
+            "-c",
+            &format!(
+                "import boto3; r = boto3.client('s3', endpoint_url='{}').list_objects_v2(Bucket='pleura-train', Prefix='runs/'); print(r.get('KeyCount', 0))",
+                s3.endpoint
+            ),
+        ])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&left.stdout).trim(),
+        "0",
+        "checkpoints deleted at the end"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -642,33 +642,59 @@ async fn bad_requests_fail_clearly_and_the_service_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_longer_than_the_consumer_timeout_runs_once() {
     use futures_util::StreamExt;
-    let Some(rabbit) = pleura_tests::trainer::OwnRabbit::start("consumer_timeout = 2000").await else {
+    let Some(rabbit) = pleura_tests::trainer::OwnRabbit::start("consumer_timeout = 2000").await
+    else {
         pleura_tests::skip("consumer timeout", "no rabbitmq-server here");
         return;
     };
     // Channels read the tick when they open: set it before any opens.
     rabbit
-        .ctl(&["eval", "application:set_env(rabbit, channel_tick_interval, 500)."])
+        .ctl(&[
+            "eval",
+            "application:set_env(rabbit, channel_tick_interval, 500).",
+        ])
         .expect("set the channel tick");
 
     // The timeout is live: a consumer sitting on a delivery loses its channel.
-    let conn = lapin::Connection::connect(&rabbit.url(), Default::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare("probe".into(), Default::default(), Default::default()).await.unwrap();
-    ch.basic_publish("".into(), "probe".into(), Default::default(), b"x", Default::default())
+    let conn = lapin::Connection::connect(&rabbit.url(), Default::default())
         .await
         .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("probe".into(), Default::default(), Default::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "probe".into(),
+        Default::default(),
+        b"x",
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let mut consumer = ch
-        .basic_consume("probe".into(), "held".into(), Default::default(), Default::default())
+        .basic_consume(
+            "probe".into(),
+            "held".into(),
+            Default::default(),
+            Default::default(),
+        )
         .await
         .unwrap();
     let held = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await;
-    assert!(matches!(held, Ok(Some(Ok(_)))), "the probe gets its delivery");
+    assert!(
+        matches!(held, Ok(Some(Ok(_)))),
+        "the probe gets its delivery"
+    );
     let t0 = std::time::Instant::now();
-    wait_until("the broker closes the channel of a consumer past its timeout", Duration::from_secs(60), || {
-        let closed = !ch.status().connected();
-        async move { closed }
-    })
+    wait_until(
+        "the broker closes the channel of a consumer past its timeout",
+        Duration::from_secs(60),
+        || {
+            let closed = !ch.status().connected();
+            async move { closed }
+        },
+    )
     .await;
     let bite = t0.elapsed();
 
@@ -684,8 +710,19 @@ async fn a_run_longer_than_the_consumer_timeout_runs_once() {
     let out = fleet
         .cli(
             [
-                "train", "submit", "--data", &file_url(&data), "--epochs", "100", "--width", "8",
-                "--image-size", "64", "--batch-size", "8", "--wait",
+                "train",
+                "submit",
+                "--data",
+                &file_url(&data),
+                "--epochs",
+                "100",
+                "--width",
+                "8",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--wait",
             ],
             &amqp,
         )
@@ -695,7 +732,9 @@ async fn a_run_longer_than_the_consumer_timeout_runs_once() {
     let runs = run_store(&fleet).await;
     let r = runs.get(&id).await.unwrap().unwrap();
     let events = runs.events(&id, "-", 10_000).await.unwrap();
-    let started = events.iter().find(|(_, e)| matches!(e.kind, RunEventKind::Started { .. }));
+    let started = events
+        .iter()
+        .find(|(_, e)| matches!(e.kind, RunEventKind::Started { .. }));
     let ran_ms = events.last().unwrap().1.at_ms - started.expect("a start").1.at_ms;
     assert!(
         Duration::from_millis(ran_ms) > bite * 3,
@@ -709,14 +748,31 @@ async fn a_run_longer_than_the_consumer_timeout_runs_once() {
         .count();
     assert_eq!(starts, 1);
     let queues = rabbit
-        .ctl(&["list_queues", "name", "messages_ready", "messages_unacknowledged"])
+        .ctl(&[
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
         .unwrap();
     let train_q = fleet.names.train_queue();
-    let line = queues.lines().find(|l| l.starts_with(&train_q)).expect("the train queue");
-    assert_eq!(line.split_whitespace().skip(1).collect::<Vec<_>>(), ["0", "0"], "{queues}");
+    let line = queues
+        .lines()
+        .find(|l| l.starts_with(&train_q))
+        .expect("the train queue");
+    assert_eq!(
+        line.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{queues}"
+    );
     let log = trainer.log_text();
-    assert!(!log.contains("PRECONDITION_FAILED") && !log.contains("reconnecting"), "{log}");
-    eprintln!("TRAIN-SERVICE consumer timeout bit after {bite:?}; the run took {ran_ms} ms and ran once");
+    assert!(
+        !log.contains("PRECONDITION_FAILED") && !log.contains("reconnecting"),
+        "{log}"
+    );
+    eprintln!(
+        "TRAIN-SERVICE consumer timeout bit after {bite:?}; the run took {ran_ms} ms and ran once"
+    );
 }
 
 /// SIGTERM (scale-in, eviction) mid-run: the trainer exits 0 at the next
@@ -735,8 +791,18 @@ async fn sigterm_releases_the_run_to_another_trainer() {
     let out = fleet
         .cli(
             [
-                "train", "submit", "--data", &file_url(&data), "--epochs", "30", "--width", "8",
-                "--image-size", "64", "--batch-size", "8",
+                "train",
+                "submit",
+                "--data",
+                &file_url(&data),
+                "--epochs",
+                "30",
+                "--width",
+                "8",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
             ],
             &[],
         )
@@ -744,18 +810,30 @@ async fn sigterm_releases_the_run_to_another_trainer() {
         .expect_ok();
     let id = run_id(&out.stdout);
     let runs = run_store(&fleet).await;
-    wait_run(&runs, &id, "a checkpoint", RUN_TIMEOUT, |r| r.checkpoint_epoch >= Some(1)).await;
+    wait_run(&runs, &id, "a checkpoint", RUN_TIMEOUT, |r| {
+        r.checkpoint_epoch >= Some(1)
+    })
+    .await;
     let status = a.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}\n{}", a.log_text());
     let r = runs.get(&id).await.unwrap().unwrap();
     assert_eq!(r.state, RunState::Queued, "released: {r:#?}");
-    assert_eq!(r.attempts[0].ended.as_deref(), Some("interrupted: trainer shut down"));
+    assert_eq!(
+        r.attempts[0].ended.as_deref(),
+        Some("interrupted: trainer shut down")
+    );
     let t0 = std::time::Instant::now();
     let _b = TrainerProc::start(&fleet, &keys, &env, "trainer-b").await;
-    let r = wait_run(&runs, &id, "resumed", Duration::from_secs(30), |r| r.attempts.len() == 2).await;
+    let r = wait_run(&runs, &id, "resumed", Duration::from_secs(30), |r| {
+        r.attempts.len() == 2
+    })
+    .await;
     assert!(t0.elapsed() < Duration::from_secs(30), "no lease wait");
     assert!(r.attempts[1].resumed_from_epoch >= Some(1), "{r:#?}");
-    let r = wait_run(&runs, &id, "finished", RUN_TIMEOUT, |r| r.state.is_terminal()).await;
+    let r = wait_run(&runs, &id, "finished", RUN_TIMEOUT, |r| {
+        r.state.is_terminal()
+    })
+    .await;
     assert_eq!(r.state, RunState::Succeeded, "{r:#?}");
     let events = runs.events(&id, "-", 10_000).await.unwrap();
     assert!(events
@@ -777,8 +855,18 @@ async fn a_run_that_keeps_dying_is_failed_after_max_attempts() {
     let out = fleet
         .cli(
             [
-                "train", "submit", "--data", &file_url(&data), "--epochs", "300", "--width", "8",
-                "--image-size", "64", "--batch-size", "8",
+                "train",
+                "submit",
+                "--data",
+                &file_url(&data),
+                "--epochs",
+                "300",
+                "--width",
+                "8",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
             ],
             &[],
         )
@@ -795,7 +883,10 @@ async fn a_run_that_keeps_dying_is_failed_after_max_attempts() {
         t.kill().await;
     }
     let _t = TrainerProc::start(&fleet, &keys, &env, "trainer-3").await;
-    let r = wait_run(&runs, &id, "given up", RUN_TIMEOUT, |r| r.state.is_terminal()).await;
+    let r = wait_run(&runs, &id, "given up", RUN_TIMEOUT, |r| {
+        r.state.is_terminal()
+    })
+    .await;
     assert_eq!(r.state, RunState::Failed, "{r:#?}");
     let error = r.error.clone().unwrap_or_default();
     assert!(error.contains("gave up after 2 attempts"), "{error}");
@@ -803,5 +894,9 @@ async fn a_run_that_keeps_dying_is_failed_after_max_attempts() {
     assert_eq!(trainers, ["trainer-1", "trainer-2", "trainer-3"]);
     assert_eq!(r.model_version, None);
     let shown = fleet.cli(["train", "show", &id], &[]).await.expect_ok();
-    assert!(shown.stdout.contains("gave up after 2 attempts"), "{}", shown.stdout);
+    assert!(
+        shown.stdout.contains("gave up after 2 attempts"),
+        "{}",
+        shown.stdout
+    );
 }
