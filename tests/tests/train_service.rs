@@ -19,6 +19,14 @@ fn file_url(dir: &Path) -> String {
     url_for_dir(dir)
 }
 
+/// `pleura train submit --data file://DATA` and `flags` (space-separated).
+fn submit_args(data: &Path, flags: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "submit", "--data"].map(String::from).to_vec();
+    args.push(file_url(data));
+    args.extend(flags.split_whitespace().map(String::from));
+    args
+}
+
 /// The run id `pleura train submit` printed (its last stdout line).
 fn run_id(stdout: &str) -> String {
     stdout
@@ -66,26 +74,7 @@ async fn submit_wait_trains_publishes_and_the_fleet_reloads() {
 
     let out = fleet
         .cli(
-            [
-                "train",
-                "submit",
-                "--data",
-                &file_url(&data),
-                "--epochs",
-                "3",
-                "--width",
-                "16",
-                "--image-size",
-                "128",
-                "--batch-size",
-                "8",
-                "--device",
-                "auto",
-                "--publish",
-                "--reason",
-                "acceptance",
-                "--wait",
-            ],
+            submit_args(&data, "--epochs 3 --width 16 --image-size 128 --batch-size 8 --device auto --publish --reason acceptance --wait"),
             &[],
         )
         .await
@@ -196,20 +185,10 @@ async fn progress_is_visible_and_a_cancel_stops_the_run_cleanly() {
     let mut trainer = TrainerProc::start(&fleet, &keys, &env, "trainer-c").await;
     let out = fleet
         .cli(
-            [
-                "train",
-                "submit",
-                "--data",
-                &file_url(&data),
-                "--epochs",
-                "200",
-                "--width",
-                "8",
-                "--image-size",
-                "64",
-                "--batch-size",
-                "8",
-            ],
+            submit_args(
+                &data,
+                "--epochs 200 --width 8 --image-size 64 --batch-size 8",
+            ),
             &[],
         )
         .await
@@ -306,21 +285,10 @@ async fn progress_is_visible_and_a_cancel_stops_the_run_cleanly() {
     // The trainer takes the next request.
     let next = fleet
         .cli(
-            [
-                "train",
-                "submit",
-                "--data",
-                &file_url(&data),
-                "--epochs",
-                "1",
-                "--width",
-                "8",
-                "--image-size",
-                "64",
-                "--batch-size",
-                "8",
-                "--wait",
-            ],
+            submit_args(
+                &data,
+                "--epochs 1 --width 8 --image-size 64 --batch-size 8 --wait",
+            ),
             &[],
         )
         .await
@@ -347,20 +315,7 @@ async fn a_killed_trainers_run_is_resumed_by_another() {
     let mut a = TrainerProc::start(&fleet, &keys, &env, "trainer-a").await;
     let out = fleet
         .cli(
-            [
-                "train",
-                "submit",
-                "--data",
-                &file_url(&data),
-                "--epochs",
-                "6",
-                "--width",
-                "8",
-                "--image-size",
-                "64",
-                "--batch-size",
-                "8",
-            ],
+            submit_args(&data, "--epochs 6 --width 8 --image-size 64 --batch-size 8"),
             &[],
         )
         .await
@@ -435,21 +390,10 @@ async fn two_requests_run_one_after_the_other_and_the_gate_refuses_both() {
     let submit = || async {
         let out = fleet
             .cli(
-                [
-                    "train",
-                    "submit",
-                    "--data",
-                    &file_url(&data),
-                    "--epochs",
-                    "2",
-                    "--width",
-                    "8",
-                    "--image-size",
-                    "64",
-                    "--batch-size",
-                    "8",
-                    "--publish",
-                ],
+                submit_args(
+                    &data,
+                    "--epochs 2 --width 8 --image-size 64 --batch-size 8 --publish",
+                ),
                 &[],
             )
             .await
@@ -709,21 +653,10 @@ async fn a_run_longer_than_the_consumer_timeout_runs_once() {
     let amqp: Vec<(&str, &str)> = amqp.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let out = fleet
         .cli(
-            [
-                "train",
-                "submit",
-                "--data",
-                &file_url(&data),
-                "--epochs",
-                "100",
-                "--width",
-                "8",
-                "--image-size",
-                "64",
-                "--batch-size",
-                "8",
-                "--wait",
-            ],
+            submit_args(
+                &data,
+                "--epochs 100 --width 8 --image-size 64 --batch-size 8 --wait",
+            ),
             &amqp,
         )
         .await
@@ -790,20 +723,10 @@ async fn sigterm_releases_the_run_to_another_trainer() {
     let mut a = TrainerProc::start(&fleet, &keys, &env, "trainer-a").await;
     let out = fleet
         .cli(
-            [
-                "train",
-                "submit",
-                "--data",
-                &file_url(&data),
-                "--epochs",
-                "30",
-                "--width",
-                "8",
-                "--image-size",
-                "64",
-                "--batch-size",
-                "8",
-            ],
+            submit_args(
+                &data,
+                "--epochs 30 --width 8 --image-size 64 --batch-size 8",
+            ),
             &[],
         )
         .await
@@ -854,20 +777,10 @@ async fn a_run_that_keeps_dying_is_failed_after_max_attempts() {
     env.max_attempts = 2;
     let out = fleet
         .cli(
-            [
-                "train",
-                "submit",
-                "--data",
-                &file_url(&data),
-                "--epochs",
-                "300",
-                "--width",
-                "8",
-                "--image-size",
-                "64",
-                "--batch-size",
-                "8",
-            ],
+            submit_args(
+                &data,
+                "--epochs 300 --width 8 --image-size 64 --batch-size 8",
+            ),
             &[],
         )
         .await
