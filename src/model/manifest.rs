@@ -117,6 +117,44 @@ pub struct Manifest {
     /// For a variant (int8): the model it was made from, and how.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub derived_from: Option<Derivation>,
+    /// How `p_effusion` was calibrated, when it was: the temperature the
+    /// graph divides its logits by (`spec.temperature`, which must equal
+    /// it), what it was fitted on, and the calibration error it removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRecord>,
+}
+
+/// How a model's probabilities were calibrated after training, so that a
+/// `p_effusion` of 0.3 means about 3 in 10 such scans have an effusion.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationRecord {
+    /// The method; `temperature` is the only one.
+    pub method: CalibrationMethod,
+    /// The fitted temperature `T`; the graph computes `softmax(logits / T)`,
+    /// so this equals `spec.temperature`.
+    pub temperature: f32,
+    /// What `T` was fitted on, in words, e.g. `"out-of-fold predictions,
+    /// 5 folds, 1200 images"`: out-of-fold, so that no image was scored by a
+    /// model that trained on it.
+    pub fitted_on: String,
+    /// Expected calibration error of those predictions before scaling.
+    pub ece_before: f64,
+    /// Expected calibration error after scaling by `T`.
+    pub ece_after: f64,
+    /// Equal-width probability bins the ECEs were measured with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ece_bins: Option<u32>,
+}
+
+/// A calibration method.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibrationMethod {
+    /// One scalar `T` dividing every logit (Guo et al., 2017): it keeps the
+    /// ranking, so AUROC and the choice of threshold ordering are unchanged.
+    #[default]
+    Temperature,
 }
 
 /// The arithmetic of a model's graph.
@@ -289,6 +327,27 @@ impl Manifest {
             return bad(
                 "an int8 manifest names the model it was derived from, and only it does".into(),
             );
+        }
+        if let Some(c) = &self.calibration {
+            // The record describes the graph; a record whose temperature the
+            // graph does not apply would claim a calibration nobody serves.
+            if c.temperature != self.spec.temperature {
+                return bad(format!(
+                    "calibration.temperature {} differs from spec.temperature {}, which the graph applies",
+                    c.temperature, self.spec.temperature
+                ));
+            }
+            if c.fitted_on.trim().is_empty() {
+                return bad("calibration.fitted_on must say what T was fitted on".into());
+            }
+            for (name, ece) in [("ece_before", c.ece_before), ("ece_after", c.ece_after)] {
+                if !(0.0..=1.0).contains(&ece) {
+                    return bad(format!("calibration.{name} {ece} must lie in [0, 1]"));
+                }
+            }
+            if c.ece_bins == Some(0) {
+                return bad("calibration.ece_bins must be at least 1".into());
+            }
         }
         for (i, g) in self.golden.iter().enumerate() {
             if g.name.is_empty() {
@@ -498,6 +557,7 @@ pub fn init_model(spec: &ResNetSpec, seed: u64) -> Result<ModelFiles, OnnxError>
         golden: Vec::new(),
         precision: Precision::Fp32,
         derived_from: None,
+        calibration: None,
     };
     let files = ModelFiles { manifest, onnx };
     files.verify().map_err(|e| match e {
@@ -642,11 +702,11 @@ mod tests {
         let good = serde_json::to_value(&files.manifest).unwrap();
 
         let mut top = good.clone();
-        top["calibration"] = serde_json::json!("platt");
+        top["platt_scaling"] = serde_json::json!(true);
         write_raw(tmp.path(), &top, &files.onnx);
         match ModelFiles::read_dir(tmp.path()) {
             Err(ManifestError::Parse { source, .. }) => {
-                assert!(source.to_string().contains("calibration"), "{source}")
+                assert!(source.to_string().contains("platt_scaling"), "{source}")
             }
             other => panic!("{other:?}"),
         }
@@ -711,6 +771,131 @@ mod tests {
         ok.manifest.version = "2024-06-01_run.3-final".into();
         ok.manifest.threshold = 0.37;
         assert!(ok.verify().is_ok());
+    }
+
+    fn calibrated(temperature: f32) -> ModelFiles {
+        let spec = ResNetSpec {
+            members: 3,
+            tta_flip: true,
+            temperature,
+            ..ResNetSpec::tiny()
+        };
+        let mut files = init_model(&spec, 0).unwrap();
+        files.manifest.calibration = Some(CalibrationRecord {
+            method: CalibrationMethod::Temperature,
+            temperature,
+            fitted_on: "out-of-fold predictions, 5 folds, 1200 images".into(),
+            ece_before: 0.081,
+            ece_after: 0.019,
+            ece_bins: Some(15),
+        });
+        files
+    }
+
+    /// The calibration record and the graph fields of the spec travel
+    /// through a directory and back, and say what they are in the JSON.
+    #[test]
+    fn calibration_and_ensemble_round_trip() {
+        let files = calibrated(1.7);
+        files.verify().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        files.write_dir(tmp.path()).unwrap();
+        assert_eq!(ModelFiles::read_dir(tmp.path()).unwrap(), files);
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(tmp.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            json["calibration"],
+            serde_json::json!({
+                "method": "temperature",
+                "temperature": 1.7,
+                "fitted_on": "out-of-fold predictions, 5 folds, 1200 images",
+                "ece_before": 0.081,
+                "ece_after": 0.019,
+                "ece_bins": 15
+            })
+        );
+        assert_eq!(json["spec"]["members"], 3);
+        assert_eq!(json["spec"]["tta_flip"], true);
+        assert_eq!(json["spec"]["temperature"], 1.7);
+
+        // Unknown fields inside the record are refused like anywhere else.
+        let mut odd = json.clone();
+        odd["calibration"]["bins"] = serde_json::json!(10);
+        write_raw(tmp.path(), &odd, &files.onnx);
+        assert!(matches!(
+            ModelFiles::read_dir(tmp.path()),
+            Err(ManifestError::Parse { .. })
+        ));
+    }
+
+    /// A plain model's manifest says nothing of ensembles or calibration:
+    /// exactly the fields manifests had before them, so manifests written
+    /// before parse and manifests written now read the same.
+    #[test]
+    fn plain_manifest_is_unchanged_and_old_manifests_parse() {
+        let files = init_model(&ResNetSpec::tiny(), 0).unwrap();
+        let json = serde_json::to_value(&files.manifest).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(
+            keys(&json["spec"]),
+            [
+                "blocks",
+                "image_size",
+                "in_channels",
+                "num_classes",
+                "stem_width",
+                "widths"
+            ]
+        );
+        assert!(json.get("calibration").is_none(), "{json}");
+        // A manifest as the previous release wrote it.
+        let old = r#"{"schema":1,"version":"v1","sha256":"SHA","created_at":"1970-01-01T00:00:00Z",
+            "input":{"size":32,"channels":1,"name":"input"},"output":"probabilities",
+            "normalisation":"minmax","labels":["effusion","nofinding"],"threshold":0.5,
+            "trained":false,"spec":{"in_channels":1,"image_size":32,"stem_width":4,
+            "widths":[4,8,16,32],"blocks":[2,2,2,2],"num_classes":2}}"#
+            .replace("SHA", &files.manifest.sha256);
+        let m: Manifest = serde_json::from_str(&old).unwrap();
+        assert_eq!(m.spec, ResNetSpec::tiny());
+        assert!(m.spec.is_plain());
+        assert_eq!(m.calibration, None);
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn calibration_must_describe_the_graph() {
+        type Mutation = fn(&mut Manifest);
+        let cases: [(&str, Mutation); 7] = [
+            ("T differs from the graph's", |m| {
+                m.calibration.as_mut().unwrap().temperature = 1.5
+            }),
+            ("record without the graph's T", |m| m.spec.temperature = 1.0),
+            ("empty fitted_on", |m| {
+                m.calibration.as_mut().unwrap().fitted_on = " ".into()
+            }),
+            ("ece_before NaN", |m| {
+                m.calibration.as_mut().unwrap().ece_before = f64::NAN
+            }),
+            ("ece_after > 1", |m| {
+                m.calibration.as_mut().unwrap().ece_after = 1.5
+            }),
+            ("ece_bins 0", |m| {
+                m.calibration.as_mut().unwrap().ece_bins = Some(0)
+            }),
+            ("members 17", |m| m.spec.members = 17),
+        ];
+        for (what, mutate) in cases {
+            let mut bad = calibrated(1.7);
+            mutate(&mut bad.manifest);
+            assert!(
+                matches!(bad.manifest.validate(), Err(ManifestError::Invalid(_))),
+                "{what}"
+            );
+        }
+        // A temperature of 1 fitted and recorded (already calibrated) is fine.
+        calibrated(1.0).verify().unwrap();
     }
 
     #[test]

@@ -8,10 +8,13 @@
 //!
 //! # Layout
 //!
-//! - `onnx`: [`ResNetSpec`], tch-compatible parameter names, [`write_onnx`],
-//!   deterministic [`init_weights`].
-//! - `manifest`: [`Manifest`] (`model.json`), [`ModelFiles`] (read with the
-//!   sha256 check, written atomically), [`init_model`], [`golden_input`].
+//! - `onnx`: [`ResNetSpec`] (one network, and the graph around it: members
+//!   of an ensemble, test-time flip, temperature), tch-compatible parameter
+//!   names, [`write_onnx`], deterministic [`init_weights`]; `onnx/tests.rs`
+//!   its tests.
+//! - `manifest`: [`Manifest`] (`model.json`, with the optional
+//!   [`CalibrationRecord`]), [`ModelFiles`] (read with the sha256 check,
+//!   written atomically), [`init_model`], [`golden_input`].
 //! - `engine`: [`Engine`] (a model on tract or ONNX Runtime, with its
 //!   manifest, warm-up and canary), [`Graph`] (tract's optimised plan),
 //!   [`EngineKind`], [`EngineError`].
@@ -36,7 +39,8 @@ pub mod quantize;
 pub use analyse::{AnalyseError, LocalClassifier, Verdict};
 pub use engine::{Engine, EngineError, EngineKind, EngineOptions, Graph, Scorer};
 pub use manifest::{
-    golden_input, init_model, Derivation, Manifest, ManifestError, ModelFiles, Precision,
+    golden_input, init_model, CalibrationMethod, CalibrationRecord, Derivation, Manifest,
+    ManifestError, ModelFiles, Precision,
 };
 pub use onnx::{init_weights, write_onnx, OnnxError, ResNetSpec, Weights};
 pub use pool::{empty_slot, InferencePool, ModelSlot};

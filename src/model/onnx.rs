@@ -23,6 +23,24 @@
 //! head; column 0 is effusion, column 1 is no finding (see
 //! [`super::manifest::LABELS`]).
 //!
+//! One graph can also hold what is done at inference time to make those
+//! probabilities better, so that the worker, the engine and the canary stay
+//! unaware of it: [`ResNetSpec::members`] networks of the same shape (an
+//! ensemble, weights under `m{i}.`), each also run on the image mirrored
+//! left to right ([`ResNetSpec::tta_flip`]), logits divided by a fitted
+//! [`ResNetSpec::temperature`] before the softmax, and the softmax outputs
+//! averaged:
+//!
+//! ```text
+//! input ──────────────► m0.* → Div T → Softmax ─┐
+//!   └► flip (Gather W-1..0 on the width axis)   ├► Mean → probabilities
+//!        └────────────► m0.flip.* → … Softmax ──┤
+//!   (m1, m1.flip, … likewise)                   ┘
+//! ```
+//!
+//! The plain spec (one member, no flip, temperature 1) writes exactly the
+//! single-network graph above: same node and weight names, same bytes.
+//!
 //! [`init_weights`] gives deterministic untrained weights so `pleura model
 //! init` can produce byte-identical files for a given seed.
 
@@ -55,10 +73,28 @@ pub const MIN_IMAGE_SIZE: u32 = 32;
 /// Key of the model metadata entry holding the spec as JSON, so a stray
 /// `model.onnx` still says what it is.
 pub const SPEC_METADATA_KEY: &str = "pleura.spec";
+/// Most networks one graph may average. Each member costs a full forward
+/// pass per scan (two with the flip), so a larger ensemble is a mistake
+/// rather than a choice.
+pub const MAX_MEMBERS: u32 = 16;
+/// Name of the node (and prefix of the branches) running on the image
+/// mirrored left to right.
+pub const FLIP_NODE: &str = "flip";
+/// Initializer holding the reversed width indices the flip gathers.
+pub const FLIP_INDICES: &str = "flip.indices";
+/// Initializer holding the temperature the logits are divided by.
+pub const TEMPERATURE_NAME: &str = "temperature";
 
-/// Shape of the network. Serialised into the manifest, so the trainer, the
-/// writer and the worker all build from the same description.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Shape of the network, and of the graph around it. Serialised into the
+/// manifest, so the trainer, the writer and the worker all build from the
+/// same description.
+///
+/// The first six fields describe one network: the trainer builds it in tch
+/// from them ([`ResNetSpec::member`]). The last three say what the exported
+/// graph does with it at inference time; their defaults (one member, no
+/// flip, temperature 1) are left out of the JSON, so the manifests and the
+/// ONNX metadata of plain models read exactly as before these fields existed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResNetSpec {
     /// Channels of the input image (1: grayscale radiographs).
@@ -74,6 +110,49 @@ pub struct ResNetSpec {
     pub blocks: Vec<usize>,
     /// Number of output classes (2: effusion, nofinding).
     pub num_classes: i64,
+    /// Networks of this shape whose probabilities the graph averages, in
+    /// `1..=`[`MAX_MEMBERS`]. With more than one, member `i`'s weights are
+    /// named `m{i}.<tch name>`; with one they keep their tch names.
+    #[serde(default = "one_member", skip_serializing_if = "is_one_member")]
+    pub members: u32,
+    /// Test-time augmentation: each member also runs on the image mirrored
+    /// left to right (reversed along the width axis; never upside down, which
+    /// no radiograph is) and both outputs enter the average.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tta_flip: bool,
+    /// Temperature `T` of the softmax: every branch computes
+    /// `softmax(logits / T)`. Fitted on out-of-fold predictions so that
+    /// `p_effusion` is calibrated (see the manifest's `calibration`); finite
+    /// and positive; 1 writes no node.
+    #[serde(
+        default = "unit_temperature",
+        skip_serializing_if = "is_unit_temperature"
+    )]
+    pub temperature: f32,
+}
+
+// `temperature` is a float, but `validate` keeps it finite and JSON cannot
+// carry a NaN, so equality on specs is reflexive and `Eq` holds.
+impl Eq for ResNetSpec {}
+
+fn one_member() -> u32 {
+    1
+}
+
+fn is_one_member(m: &u32) -> bool {
+    *m == 1
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn unit_temperature() -> f32 {
+    1.0
+}
+
+fn is_unit_temperature(t: &f32) -> bool {
+    *t == 1.0
 }
 
 impl Default for ResNetSpec {
@@ -86,6 +165,9 @@ impl Default for ResNetSpec {
             widths: vec![64, 128, 256, 512],
             blocks: vec![2, 2, 2, 2],
             num_classes: 2,
+            members: 1,
+            tta_flip: false,
+            temperature: 1.0,
         }
     }
 }
@@ -184,7 +266,69 @@ impl ResNetSpec {
                 self.num_classes
             ));
         }
+        if !(1..=MAX_MEMBERS).contains(&self.members) {
+            return bad(format!(
+                "members must be in 1..={MAX_MEMBERS}, got {}",
+                self.members
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!(
+                "temperature must be finite and > 0, got {}",
+                self.temperature
+            ));
+        }
         Ok(())
+    }
+
+    /// True for one network with no flip and temperature 1: the graph is the
+    /// bare network, as every model was before ensembles.
+    pub fn is_plain(&self) -> bool {
+        self.members == 1 && !self.tta_flip && self.temperature == 1.0
+    }
+
+    /// The one network every member is: this spec with one member, no flip
+    /// and temperature 1. What the trainer builds in tch and what
+    /// [`ResNetSpec::params`] names.
+    pub fn member(&self) -> ResNetSpec {
+        ResNetSpec {
+            members: 1,
+            tta_flip: false,
+            temperature: 1.0,
+            ..self.clone()
+        }
+    }
+
+    /// Forward passes of the network per scan: members, twice with the flip.
+    /// The cost of a scan grows with it.
+    pub fn branches(&self) -> usize {
+        self.members as usize * if self.tta_flip { 2 } else { 1 }
+    }
+
+    /// The prefix of member `i`'s weight names: none for a single member,
+    /// so plain models keep their tch names, else `m{i}.`.
+    pub fn member_prefix(&self, i: u32) -> String {
+        if self.members == 1 {
+            String::new()
+        } else {
+            format!("m{i}.")
+        }
+    }
+
+    /// Every initializer of the network weights in the graph: one member's
+    /// [`ResNetSpec::params`] under each [`ResNetSpec::member_prefix`], in
+    /// member order. [`write_onnx`] expects exactly this set.
+    pub fn graph_params(&self) -> Vec<ParamSpec> {
+        let params = self.params();
+        (0..self.members)
+            .flat_map(|i| {
+                let prefix = self.member_prefix(i);
+                params.iter().map(move |p| ParamSpec {
+                    name: format!("{prefix}{}", p.name),
+                    shape: p.shape.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The basic blocks in order. Stage 1 keeps the resolution (the max-pool
@@ -213,9 +357,10 @@ impl ResNetSpec {
         self.widths.last().copied().unwrap_or(self.stem_width)
     }
 
-    /// Every parameter and buffer, in module-creation order, with the exact
-    /// name a tch `VarStore` gives it and its shape. [`write_onnx`] expects
-    /// exactly this set; [`init_weights`] produces it.
+    /// Every parameter and buffer of one network ([`ResNetSpec::member`]), in
+    /// module-creation order, with the exact name a tch `VarStore` gives it
+    /// and its shape. For a single member, [`write_onnx`] expects exactly this
+    /// set; [`ResNetSpec::graph_params`] names an ensemble's.
     pub fn params(&self) -> Vec<ParamSpec> {
         let mut out = Vec::new();
         let conv = |out: &mut Vec<ParamSpec>, path: &str, o: i64, i: i64, k: i64| {
@@ -324,6 +469,23 @@ impl Weights {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &WeightTensor)> {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v))
     }
+
+    /// The weights of an ensemble graph from its members' own (each named as
+    /// its tch `VarStore` names it): member `i`'s under `m{i}.`, as
+    /// [`ResNetSpec::member_prefix`] names them. A single member is returned
+    /// unchanged, since a one-member graph keeps the tch names.
+    pub fn from_members(members: Vec<Weights>) -> Weights {
+        if members.len() == 1 {
+            return members.into_iter().next().expect("one member");
+        }
+        let mut out = Weights::new();
+        for (i, member) in members.into_iter().enumerate() {
+            for (name, t) in member.tensors {
+                out.tensors.insert(format!("m{i}.{name}"), t);
+            }
+        }
+        out
+    }
 }
 
 /// Why a model could not be written.
@@ -357,6 +519,15 @@ pub enum OnnxError {
     /// mismatch with the trainer, so it is refused rather than dropped.
     #[error("unexpected weight {name:?}: not a parameter of this spec")]
     UnexpectedWeight { name: String },
+    /// A writer that rebuilds one network by itself (the int8 writer) was
+    /// given an ensemble, flip or temperature spec, which it would drop.
+    #[error("{what} handles one plain network only, but the spec has {members} member(s), tta_flip {tta_flip} and temperature {temperature}")]
+    NotPlain {
+        what: &'static str,
+        members: u32,
+        tta_flip: bool,
+        temperature: f32,
+    },
 }
 
 /// A normal sampler over a ChaCha stream. Box-Muller by hand keeps the
@@ -385,8 +556,19 @@ impl Normal {
 /// every platform): convs Kaiming-normal (fan_out, ReLU gain) as torchvision
 /// initialises ResNets, batch norm as identity (weight 1, bias 0, running
 /// mean 0, running var 1), the fc weight uniform in ±1/sqrt(fan_in) (torch's
-/// `Linear` default) and the fc bias 0.
+/// `Linear` default) and the fc bias 0. An ensemble's member `i` is drawn
+/// from seed `seed + i`, so its members differ and member 0 is the plain
+/// model of the same seed.
 pub fn init_weights(spec: &ResNetSpec, seed: u64) -> Weights {
+    let member = spec.member();
+    Weights::from_members(
+        (0..u64::from(spec.members))
+            .map(|i| init_member(&member, seed.wrapping_add(i)))
+            .collect(),
+    )
+}
+
+fn init_member(spec: &ResNetSpec, seed: u64) -> Weights {
     let mut normal = Normal {
         rng: ChaCha8Rng::seed_from_u64(seed),
         spare: None,
@@ -417,13 +599,29 @@ pub fn init_weights(spec: &ResNetSpec, seed: u64) -> Weights {
     weights
 }
 
-/// Checks `weights` holds exactly the parameters of `spec`, with the right
-/// shapes and finite values.
+/// Checks `weights` holds exactly the parameters of one plain network of
+/// `spec`, with the right shapes and finite values: for writers that rebuild
+/// that network by themselves (the int8 writer). They know nothing of
+/// members, flips or temperatures and would silently drop them, so such a
+/// spec is [`OnnxError::NotPlain`].
 pub(super) fn check_weights(
     spec: &ResNetSpec,
     weights: &Weights,
 ) -> Result<Vec<ParamSpec>, OnnxError> {
-    let params = spec.params();
+    if !spec.is_plain() {
+        return Err(OnnxError::NotPlain {
+            what: "int8 quantisation",
+            members: spec.members,
+            tta_flip: spec.tta_flip,
+            temperature: spec.temperature,
+        });
+    }
+    check_params(spec.params(), weights)
+}
+
+/// Checks `weights` holds exactly `params`, with the right shapes and
+/// finite values.
+fn check_params(params: Vec<ParamSpec>, weights: &Weights) -> Result<Vec<ParamSpec>, OnnxError> {
     for p in &params {
         let w = weights
             .get(&p.name)
@@ -551,12 +749,13 @@ impl GraphBuilder {
         });
     }
 
-    /// Bias-free square conv; `path` is the module path (its weight is `path.weight`).
-    fn conv(&mut self, path: &str, x: &str, k: i64, stride: i64, pad: i64) -> String {
-        let weight = format!("{path}.weight");
+    /// Bias-free square conv: node `{branch}{path}`, weight
+    /// `{weights}{path}.weight` (`path` is the tch module path).
+    fn conv(&mut self, at: &Branch, path: &str, x: &str, k: i64, stride: i64, pad: i64) -> String {
+        let weight = format!("{}{path}.weight", at.weights);
         self.node(
             "Conv",
-            path,
+            &format!("{}{path}", at.nodes),
             &[x, &weight],
             vec![
                 attr_ints("kernel_shape", vec![k, k]),
@@ -569,101 +768,221 @@ impl GraphBuilder {
     }
 
     /// Inference-mode batch norm with the four tch tensors under `path`.
-    fn bn(&mut self, path: &str, x: &str) -> String {
+    fn bn(&mut self, at: &Branch, path: &str, x: &str) -> String {
         let names: Vec<String> = ["weight", "bias", "running_mean", "running_var"]
             .iter()
-            .map(|f| format!("{path}.{f}"))
+            .map(|f| format!("{}{path}.{f}", at.weights))
             .collect();
         let inputs = [x, &names[0], &names[1], &names[2], &names[3]];
         self.node(
             "BatchNormalization",
-            path,
+            &format!("{}{path}", at.nodes),
             &inputs,
             vec![attr_float("epsilon", BN_EPSILON)],
         )
     }
 
-    fn relu(&mut self, name: &str, x: &str) -> String {
-        self.node("Relu", name, &[x], vec![])
+    fn relu(&mut self, at: &Branch, name: &str, x: &str) -> String {
+        self.node("Relu", &format!("{}{name}", at.nodes), &[x], vec![])
+    }
+
+    /// One network on `at.input`, up to its logits `[N, classes]`.
+    fn network(&mut self, spec: &ResNetSpec, at: &Branch) -> String {
+        let x = self.conv(at, "conv1", &at.input, 7, 2, 3);
+        let x = self.bn(at, "bn1", &x);
+        let x = self.relu(at, "relu", &x);
+        let mut x = self.node(
+            "MaxPool",
+            &format!("{}maxpool", at.nodes),
+            &[&x],
+            vec![
+                attr_ints("kernel_shape", vec![3, 3]),
+                attr_ints("strides", vec![2, 2]),
+                attr_ints("pads", vec![1, 1, 1, 1]),
+            ],
+        );
+        for b in spec.block_layout() {
+            let p = &b.prefix;
+            let y = self.conv(at, &format!("{p}.conv1"), &x, 3, b.stride, 1);
+            let y = self.bn(at, &format!("{p}.bn1"), &y);
+            let y = self.relu(at, &format!("{p}.relu1"), &y);
+            let y = self.conv(at, &format!("{p}.conv2"), &y, 3, 1, 1);
+            let y = self.bn(at, &format!("{p}.bn2"), &y);
+            let shortcut = if b.downsample {
+                let s = self.conv(at, &format!("{p}.downsample.0"), &x, 1, b.stride, 0);
+                self.bn(at, &format!("{p}.downsample.1"), &s)
+            } else {
+                x.clone()
+            };
+            let sum = self.node(
+                "Add",
+                &format!("{}{p}.add", at.nodes),
+                &[&y, &shortcut],
+                vec![],
+            );
+            x = self.relu(at, &format!("{p}.relu2"), &sum);
+        }
+        let x = self.node(
+            "GlobalAveragePool",
+            &format!("{}avgpool", at.nodes),
+            &[&x],
+            vec![],
+        );
+        let x = self.node(
+            "Flatten",
+            &format!("{}flatten", at.nodes),
+            &[&x],
+            vec![attr_int("axis", 1)],
+        );
+        self.node(
+            "Gemm",
+            &format!("{}fc", at.nodes),
+            &[
+                &x,
+                &format!("{}fc.weight", at.weights),
+                &format!("{}fc.bias", at.weights),
+            ],
+            vec![
+                attr_float("alpha", 1.0),
+                attr_float("beta", 1.0),
+                attr_int("transB", 1),
+            ],
+        )
+    }
+}
+
+/// One forward pass of a member inside the graph: where its nodes' names
+/// start, where its weights' names start, and the image it sees.
+struct Branch {
+    /// Prefix of its node names: `""` for the plain model, `m{i}.` for a
+    /// member, with `flip.` added on the mirrored image.
+    nodes: String,
+    /// Prefix of its weight names ([`ResNetSpec::member_prefix`]); a member
+    /// shares its weights between its two branches.
+    weights: String,
+    /// The graph input or the flipped image.
+    input: String,
+}
+
+/// The branches of `spec`'s graph, member by member, each member's plain
+/// branch before its flipped one (`flipped` names the mirrored input).
+fn branches(spec: &ResNetSpec, flipped: Option<&str>) -> Vec<Branch> {
+    let mut out = Vec::with_capacity(spec.branches());
+    for i in 0..spec.members {
+        let weights = spec.member_prefix(i);
+        out.push(Branch {
+            nodes: weights.clone(),
+            weights: weights.clone(),
+            input: INPUT_NAME.into(),
+        });
+        if let Some(flipped) = flipped {
+            out.push(Branch {
+                nodes: format!("{weights}{FLIP_NODE}."),
+                weights,
+                input: flipped.into(),
+            });
+        }
+    }
+    out
+}
+
+/// A float32 initializer, little-endian raw data.
+fn float_initializer(name: &str, dims: Vec<i64>, data: &[f32]) -> pb::TensorProto {
+    let mut raw = Vec::with_capacity(data.len() * 4);
+    for v in data {
+        raw.extend_from_slice(&v.to_le_bytes());
+    }
+    pb::TensorProto {
+        dims,
+        data_type: pb::tensor_proto::DataType::Float as i32,
+        name: name.into(),
+        raw_data: raw,
+        ..Default::default()
     }
 }
 
 /// Serialises `spec` with `weights` to ONNX protobuf bytes.
 ///
-/// Refuses (naming the tensor) any missing, misshapen, non-finite or
-/// unexpected weight: a model that silently dropped or zero-filled a tensor
-/// would load fine and predict garbage.
+/// `weights` holds [`ResNetSpec::graph_params`]: one network's tch names for
+/// a single member, `m{i}.`-prefixed names for an ensemble (see
+/// [`Weights::from_members`]). Refuses (naming the tensor) any missing,
+/// misshapen, non-finite or unexpected weight: a model that silently dropped
+/// or zero-filled a tensor would load fine and predict garbage.
 pub fn write_onnx(spec: &ResNetSpec, weights: &Weights) -> Result<Vec<u8>, OnnxError> {
     spec.validate()?;
-    let params = check_weights(spec, weights)?;
+    let params = check_params(spec.graph_params(), weights)?;
 
-    let initializer = params
+    let mut initializer: Vec<pb::TensorProto> = params
         .iter()
         .map(|p| {
             let data = &weights.get(&p.name).expect("checked above").data;
-            let mut raw = Vec::with_capacity(data.len() * 4);
-            for v in data {
-                raw.extend_from_slice(&v.to_le_bytes());
-            }
-            pb::TensorProto {
-                dims: p.shape.clone(),
-                data_type: pb::tensor_proto::DataType::Float as i32,
-                name: p.name.clone(),
-                raw_data: raw,
-                ..Default::default()
-            }
+            float_initializer(&p.name, p.shape.clone(), data)
         })
         .collect();
 
     let mut g = GraphBuilder::default();
-    let x = g.conv("conv1", INPUT_NAME, 7, 2, 3);
-    let x = g.bn("bn1", &x);
-    let x = g.relu("relu", &x);
-    let mut x = g.node(
-        "MaxPool",
-        "maxpool",
-        &[&x],
-        vec![
-            attr_ints("kernel_shape", vec![3, 3]),
-            attr_ints("strides", vec![2, 2]),
-            attr_ints("pads", vec![1, 1, 1, 1]),
-        ],
-    );
-    for b in spec.block_layout() {
-        let p = &b.prefix;
-        let y = g.conv(&format!("{p}.conv1"), &x, 3, b.stride, 1);
-        let y = g.bn(&format!("{p}.bn1"), &y);
-        let y = g.relu(&format!("{p}.relu1"), &y);
-        let y = g.conv(&format!("{p}.conv2"), &y, 3, 1, 1);
-        let y = g.bn(&format!("{p}.bn2"), &y);
-        let shortcut = if b.downsample {
-            let s = g.conv(&format!("{p}.downsample.0"), &x, 1, b.stride, 0);
-            g.bn(&format!("{p}.downsample.1"), &s)
-        } else {
-            x.clone()
-        };
-        let sum = g.node("Add", &format!("{p}.add"), &[&y, &shortcut], vec![]);
-        x = g.relu(&format!("{p}.relu2"), &sum);
+    // The mirror image is made once and shared by every member: a Gather of
+    // the width indices in reverse, the flip torch writes as `x.flip(3)`.
+    let flipped = if spec.tta_flip {
+        let side = i64::from(spec.image_size);
+        let mut raw = Vec::with_capacity(spec.image_size as usize * 8);
+        for i in (0..side).rev() {
+            raw.extend_from_slice(&i.to_le_bytes());
+        }
+        initializer.push(pb::TensorProto {
+            dims: vec![side],
+            data_type: pb::tensor_proto::DataType::Int64 as i32,
+            name: FLIP_INDICES.into(),
+            raw_data: raw,
+            ..Default::default()
+        });
+        Some(g.node(
+            "Gather",
+            FLIP_NODE,
+            &[INPUT_NAME, FLIP_INDICES],
+            vec![attr_int("axis", 3)],
+        ))
+    } else {
+        None
+    };
+    if spec.temperature != 1.0 {
+        // A scalar, so Div broadcasts it over [N, classes].
+        initializer.push(float_initializer(
+            TEMPERATURE_NAME,
+            vec![],
+            &[spec.temperature],
+        ));
     }
-    let x = g.node("GlobalAveragePool", "avgpool", &[&x], vec![]);
-    let x = g.node("Flatten", "flatten", &[&x], vec![attr_int("axis", 1)]);
-    let x = g.node(
-        "Gemm",
-        "fc",
-        &[&x, "fc.weight", "fc.bias"],
-        vec![
-            attr_float("alpha", 1.0),
-            attr_float("beta", 1.0),
-            attr_int("transB", 1),
-        ],
-    );
-    g.node_to(
-        "Softmax",
-        "softmax",
-        &[&x],
-        vec![attr_int("axis", 1)],
-        OUTPUT_NAME,
-    );
+    let branches = branches(spec, flipped.as_deref());
+    let single = branches.len() == 1;
+    let mut probabilities = Vec::with_capacity(branches.len());
+    for at in &branches {
+        let mut logits = g.network(spec, at);
+        if spec.temperature != 1.0 {
+            // Not named like the initializer: tract puts nodes and
+            // initializers in one namespace.
+            logits = g.node(
+                "Div",
+                &format!("{}{TEMPERATURE_NAME}_div", at.nodes),
+                &[&logits, TEMPERATURE_NAME],
+                vec![],
+            );
+        }
+        let name = format!("{}softmax", at.nodes);
+        let softmax = vec![attr_int("axis", 1)];
+        if single {
+            g.node_to("Softmax", &name, &[&logits], softmax, OUTPUT_NAME);
+        } else {
+            probabilities.push(g.node("Softmax", &name, &[&logits], softmax));
+        }
+    }
+    if !single {
+        // The average of probabilities, not of logits: each member's
+        // softmax is a calibrated-ish vote, and the mean of votes stays in
+        // [0, 1] and sums to 1 whatever the members disagree on.
+        let inputs: Vec<&str> = probabilities.iter().map(String::as_str).collect();
+        g.node_to("Mean", "mean", &inputs, vec![], OUTPUT_NAME);
+    }
 
     use pb::tensor_shape_proto::dimension::Value::{DimParam, DimValue};
     let side = i64::from(spec.image_size);
@@ -711,467 +1030,4 @@ pub fn write_onnx(spec: &ResNetSpec, weights: &Weights) -> Result<Vec<u8>, OnnxE
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tract_onnx::prelude::*;
-
-    fn tiny(image_size: u32) -> ResNetSpec {
-        ResNetSpec {
-            image_size,
-            ..ResNetSpec::tiny()
-        }
-    }
-
-    /// Loads `bytes` in tract for a fixed input shape and runs it.
-    fn run_tract(
-        bytes: &[u8],
-        shape: [usize; 4],
-        input: &[f32],
-    ) -> TractResult<(Vec<usize>, Vec<f32>)> {
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])?
-            .with_input_fact(0, f32::fact(shape).into())?
-            .into_optimized()?
-            .into_runnable()?;
-        let out = model.run(tvec!(Tensor::from_shape(&shape, input)?.into()))?;
-        let view = out[0].to_plain_array_view::<f32>()?;
-        Ok((view.shape().to_vec(), view.iter().copied().collect()))
-    }
-
-    fn random_input(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random::<f32>()).collect()
-    }
-
-    fn assert_probabilities(shape: &[usize], probs: &[f32], batch: usize, classes: usize) {
-        assert_eq!(shape, &[batch, classes]);
-        for row in probs.chunks(classes) {
-            assert!(row.iter().all(|p| p.is_finite() && *p >= 0.0), "{row:?}");
-            let sum: f32 = row.iter().sum();
-            assert!((sum - 1.0).abs() < 1e-5, "row sums to {sum}");
-        }
-    }
-
-    #[test]
-    fn default_spec_params_match_tch_names() {
-        let params = ResNetSpec::default().params();
-        // conv1 + bn1(4) + 8 blocks x (2 convs + 2 BNs = 10) + 3 downsamples x 5 + fc(2).
-        assert_eq!(params.len(), 1 + 4 + 8 * 10 + 3 * 5 + 2);
-        let shape = |name: &str| {
-            params
-                .iter()
-                .find(|p| p.name == name)
-                .map(|p| p.shape.clone())
-                .unwrap_or_else(|| panic!("{name} missing"))
-        };
-        assert_eq!(params[0].name, "conv1.weight");
-        assert_eq!(shape("conv1.weight"), vec![64, 1, 7, 7]);
-        assert_eq!(shape("bn1.running_var"), vec![64]);
-        assert_eq!(shape("layer1.0.conv1.weight"), vec![64, 64, 3, 3]);
-        assert_eq!(shape("layer1.1.bn2.bias"), vec![64]);
-        assert_eq!(shape("layer2.0.conv1.weight"), vec![128, 64, 3, 3]);
-        assert_eq!(shape("layer2.0.downsample.0.weight"), vec![128, 64, 1, 1]);
-        assert_eq!(shape("layer2.0.downsample.1.running_mean"), vec![128]);
-        assert_eq!(shape("layer4.1.conv2.weight"), vec![512, 512, 3, 3]);
-        assert_eq!(shape("fc.weight"), vec![2, 512]);
-        assert_eq!(shape("fc.bias"), vec![2]);
-        assert_eq!(params.last().unwrap().name, "fc.bias");
-        // Stage 1 keeps channels and stride: no downsample there.
-        assert!(!params
-            .iter()
-            .any(|p| p.name.starts_with("layer1.0.downsample")));
-        assert!(!params
-            .iter()
-            .any(|p| p.name.starts_with("layer2.1.downsample")));
-        // ResNet-18 has 11.17M trainable parameters at 3 input channels; at 1
-        // input channel the stem loses 2*64*49 and the head is 2 classes.
-        let trainable: usize = params
-            .iter()
-            .filter(|p| p.trainable())
-            .map(|p| p.numel())
-            .sum();
-        assert_eq!(trainable, 11_689_512 - 2 * 64 * 49 - 998 * 513);
-        let names: BTreeSet<_> = params.iter().map(|p| &p.name).collect();
-        assert_eq!(names.len(), params.len(), "names are unique");
-    }
-
-    #[test]
-    fn with_width_scales_stages() {
-        let s = ResNetSpec::with_width(4);
-        assert_eq!((s.stem_width, s.widths.clone()), (4, vec![4, 8, 16, 32]));
-        assert_eq!(s.image_size, 256);
-        assert_eq!(s.blocks, vec![2, 2, 2, 2]);
-    }
-
-    #[test]
-    fn write_onnx_refuses_bad_weights() {
-        let spec = tiny(32);
-        let good = init_weights(&spec, 1);
-        assert!(write_onnx(&spec, &good).is_ok());
-
-        let mut w = good.clone();
-        w.remove("layer3.0.bn1.running_var");
-        match write_onnx(&spec, &w) {
-            Err(OnnxError::MissingWeight { name }) => assert_eq!(name, "layer3.0.bn1.running_var"),
-            other => panic!("{other:?}"),
-        }
-
-        let mut w = good.clone();
-        w.insert("fc.weight", vec![32, 2], vec![0.0; 64]);
-        match write_onnx(&spec, &w) {
-            Err(OnnxError::ShapeMismatch {
-                name,
-                expected,
-                found,
-            }) => {
-                assert_eq!(
-                    (name.as_str(), expected, found),
-                    ("fc.weight", vec![2, 32], vec![32, 2])
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-
-        let mut w = good.clone();
-        w.get_mut("fc.bias").unwrap().data.push(0.0);
-        assert!(matches!(
-            write_onnx(&spec, &w),
-            Err(OnnxError::DataLength { .. })
-        ));
-
-        let mut w = good.clone();
-        w.get_mut("conv1.weight").unwrap().data[3] = f32::NAN;
-        assert!(matches!(
-            write_onnx(&spec, &w),
-            Err(OnnxError::NonFinite { index: 3, .. })
-        ));
-
-        let mut w = good.clone();
-        w.insert("bn1.num_batches_tracked", vec![1], vec![0.0]);
-        match write_onnx(&spec, &w) {
-            Err(OnnxError::UnexpectedWeight { name }) => {
-                assert_eq!(name, "bn1.num_batches_tracked")
-            }
-            other => panic!("{other:?}"),
-        }
-
-        let bad = ResNetSpec {
-            blocks: vec![2, 2],
-            ..spec.clone()
-        };
-        assert!(matches!(
-            write_onnx(&bad, &good),
-            Err(OnnxError::InvalidSpec(_))
-        ));
-        let bad = ResNetSpec {
-            image_size: 16,
-            ..spec
-        };
-        assert!(matches!(
-            write_onnx(&bad, &good),
-            Err(OnnxError::InvalidSpec(_))
-        ));
-    }
-
-    #[test]
-    fn model_structure_is_as_declared() {
-        let spec = tiny(32);
-        let bytes = write_onnx(&spec, &init_weights(&spec, 0)).unwrap();
-        let model = pb::ModelProto::decode(&bytes[..]).unwrap();
-        assert_eq!(model.ir_version, 8);
-        assert_eq!(model.opset_import.len(), 1);
-        assert_eq!(
-            (
-                model.opset_import[0].domain.as_str(),
-                model.opset_import[0].version
-            ),
-            ("", 17)
-        );
-        assert_eq!(model.producer_name, "pleura");
-        let g = model.graph.unwrap();
-        assert_eq!(g.input.len(), 1, "initializers are not graph inputs");
-        assert_eq!(g.input[0].name, INPUT_NAME);
-        assert_eq!(g.output.len(), 1);
-        assert_eq!(g.output[0].name, OUTPUT_NAME);
-        let names: BTreeSet<_> = g.node.iter().map(|n| n.name.as_str()).collect();
-        assert_eq!(names.len(), g.node.len(), "node names are unique");
-        let init: Vec<_> = g.initializer.iter().map(|t| t.name.clone()).collect();
-        let params: Vec<_> = spec.params().into_iter().map(|p| p.name).collect();
-        assert_eq!(init, params);
-        assert!(g
-            .initializer
-            .iter()
-            .all(|t| t.float_data.is_empty() && !t.raw_data.is_empty()));
-        let bn = g
-            .node
-            .iter()
-            .find(|n| n.op_type == "BatchNormalization")
-            .unwrap();
-        assert_eq!(bn.attribute[0].name, "epsilon");
-        assert_eq!(bn.attribute[0].f, 1e-5);
-        assert_eq!(g.node.last().unwrap().op_type, "Softmax");
-    }
-
-    #[test]
-    fn tract_runs_tiny_model_batch_1_and_3() {
-        let spec = tiny(64);
-        let bytes = write_onnx(&spec, &init_weights(&spec, 7)).unwrap();
-        for batch in [1usize, 3] {
-            let shape = [batch, 1, 64, 64];
-            let input = random_input(batch * 64 * 64, 3);
-            let (out_shape, probs) = run_tract(&bytes, shape, &input).unwrap();
-            assert_probabilities(&out_shape, &probs, batch, 2);
-        }
-    }
-
-    #[test]
-    fn init_is_deterministic() {
-        let spec = tiny(32);
-        let a = write_onnx(&spec, &init_weights(&spec, 42)).unwrap();
-        let b = write_onnx(&spec, &init_weights(&spec, 42)).unwrap();
-        let c = write_onnx(&spec, &init_weights(&spec, 43)).unwrap();
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        let w = init_weights(&spec, 42);
-        assert!(w.get("bn1.weight").unwrap().data.iter().all(|v| *v == 1.0));
-        assert!(w
-            .get("bn1.running_mean")
-            .unwrap()
-            .data
-            .iter()
-            .all(|v| *v == 0.0));
-        assert!(w.get("fc.bias").unwrap().data.iter().all(|v| *v == 0.0));
-        // Kaiming fan_out: std = sqrt(2 / (out * k * k)).
-        let conv = &w.get("layer4.0.conv1.weight").unwrap().data;
-        let var = conv.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / conv.len() as f64;
-        let expected = 2.0 / (32.0 * 9.0);
-        assert!(
-            (var / expected - 1.0).abs() < 0.05,
-            "variance {var} vs {expected}"
-        );
-    }
-
-    // ---- A naive reference forward pass, NCHW, single image at a time. ----
-
-    struct Act {
-        c: usize,
-        h: usize,
-        w: usize,
-        v: Vec<f32>,
-    }
-
-    fn conv(x: &Act, wt: &WeightTensor, stride: usize, pad: usize) -> Act {
-        let (o, k) = (wt.shape[0] as usize, wt.shape[2] as usize);
-        let oh = (x.h + 2 * pad - k) / stride + 1;
-        let ow = (x.w + 2 * pad - k) / stride + 1;
-        let mut v = vec![0f32; o * oh * ow];
-        for oc in 0..o {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut acc = 0f64;
-                    for ic in 0..x.c {
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let iy = (oy * stride + ky) as isize - pad as isize;
-                                let ix = (ox * stride + kx) as isize - pad as isize;
-                                if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize {
-                                    continue;
-                                }
-                                let xv = x.v[(ic * x.h + iy as usize) * x.w + ix as usize];
-                                let wv = wt.data[((oc * x.c + ic) * k + ky) * k + kx];
-                                acc += (xv * wv) as f64;
-                            }
-                        }
-                    }
-                    v[(oc * oh + oy) * ow + ox] = acc as f32;
-                }
-            }
-        }
-        Act {
-            c: o,
-            h: oh,
-            w: ow,
-            v,
-        }
-    }
-
-    fn bn(mut x: Act, w: &Weights, path: &str) -> Act {
-        let g = |f: &str| &w.get(&format!("{path}.{f}")).unwrap().data;
-        let (gamma, beta, mean, var) =
-            (g("weight"), g("bias"), g("running_mean"), g("running_var"));
-        let hw = x.h * x.w;
-        for (i, v) in x.v.iter_mut().enumerate() {
-            let c = i / hw;
-            *v = (*v - mean[c]) / (var[c] + BN_EPSILON).sqrt() * gamma[c] + beta[c];
-        }
-        x
-    }
-
-    fn relu(mut x: Act) -> Act {
-        x.v.iter_mut().for_each(|v| *v = v.max(0.0));
-        x
-    }
-
-    fn maxpool(x: &Act) -> Act {
-        let (oh, ow) = ((x.h - 1) / 2 + 1, (x.w - 1) / 2 + 1);
-        let mut v = vec![f32::NEG_INFINITY; x.c * oh * ow];
-        for c in 0..x.c {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    for ky in 0..3 {
-                        for kx in 0..3 {
-                            let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
-                            if iy >= 0 && ix >= 0 && (iy as usize) < x.h && (ix as usize) < x.w {
-                                let o = &mut v[(c * oh + oy) * ow + ox];
-                                *o = o.max(x.v[(c * x.h + iy as usize) * x.w + ix as usize]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Act {
-            c: x.c,
-            h: oh,
-            w: ow,
-            v,
-        }
-    }
-
-    fn reference_forward(spec: &ResNetSpec, w: &Weights, image: &[f32]) -> Vec<f32> {
-        let s = spec.image_size as usize;
-        let x = Act {
-            c: spec.in_channels as usize,
-            h: s,
-            w: s,
-            v: image.to_vec(),
-        };
-        let x = relu(bn(conv(&x, w.get("conv1.weight").unwrap(), 2, 3), w, "bn1"));
-        let mut x = maxpool(&x);
-        for b in spec.block_layout() {
-            let p = &b.prefix;
-            let st = b.stride as usize;
-            let y = conv(&x, w.get(&format!("{p}.conv1.weight")).unwrap(), st, 1);
-            let y = relu(bn(y, w, &format!("{p}.bn1")));
-            let y = conv(&y, w.get(&format!("{p}.conv2.weight")).unwrap(), 1, 1);
-            let mut y = bn(y, w, &format!("{p}.bn2"));
-            let short = if b.downsample {
-                let s = conv(
-                    &x,
-                    w.get(&format!("{p}.downsample.0.weight")).unwrap(),
-                    st,
-                    0,
-                );
-                bn(s, w, &format!("{p}.downsample.1"))
-            } else {
-                x
-            };
-            y.v.iter_mut().zip(&short.v).for_each(|(a, b)| *a += b);
-            x = relu(y);
-        }
-        let hw = (x.h * x.w) as f32;
-        let pooled: Vec<f32> =
-            x.v.chunks(x.h * x.w)
-                .map(|c| c.iter().sum::<f32>() / hw)
-                .collect();
-        let fc = w.get("fc.weight").unwrap();
-        let bias = &w.get("fc.bias").unwrap().data;
-        let logits: Vec<f32> = fc
-            .data
-            .chunks(pooled.len())
-            .zip(bias)
-            .map(|(row, b)| row.iter().zip(&pooled).map(|(a, p)| a * p).sum::<f32>() + b)
-            .collect();
-        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-        let sum: f32 = exp.iter().sum();
-        exp.iter().map(|e| e / sum).collect()
-    }
-
-    /// Tract's output equals a hand-written forward pass. The spec covers
-    /// both downsample triggers (channel change at stride 1 in stage 1, stride
-    /// 2 later), an identity shortcut, 3 classes and batch 2, and every tensor
-    /// (BN statistics included) is random so a swapped or ignored input shows.
-    #[test]
-    fn tract_matches_reference_forward_pass() {
-        let spec = ResNetSpec {
-            in_channels: 1,
-            image_size: 32,
-            stem_width: 3,
-            widths: vec![4, 8, 8],
-            blocks: vec![2, 1, 1],
-            num_classes: 3,
-        };
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let mut w = Weights::new();
-        for p in spec.params() {
-            let positive = p.name.ends_with("running_var");
-            let data = (0..p.numel())
-                .map(|_| {
-                    let u = rng.random::<f32>();
-                    if positive {
-                        0.5 + u
-                    } else {
-                        u - 0.5
-                    }
-                })
-                .collect();
-            w.insert(p.name, p.shape, data);
-        }
-        assert!(w.get("layer1.0.downsample.0.weight").is_some());
-        assert!(w.get("layer1.1.downsample.0.weight").is_none());
-        let bytes = write_onnx(&spec, &w).unwrap();
-        let batch = 2;
-        let input = random_input(batch * 32 * 32, 11);
-        let (shape, got) = run_tract(&bytes, [batch, 1, 32, 32], &input).unwrap();
-        assert_probabilities(&shape, &got, batch, 3);
-        let expected: Vec<f32> = input
-            .chunks(32 * 32)
-            .flat_map(|img| reference_forward(&spec, &w, img))
-            .collect();
-        for (g, e) in got.iter().zip(&expected) {
-            assert!(
-                (g - e).abs() < 1e-4,
-                "tract {got:?} vs reference {expected:?}"
-            );
-        }
-        // Guard against a degenerate comparison (all rows uniform).
-        assert!(
-            expected.iter().any(|p| (p - 1.0 / 3.0).abs() > 1e-3),
-            "{expected:?}"
-        );
-    }
-
-    /// The real seed model: ResNet-18 at 256x256 loads, optimises and runs.
-    #[test]
-    fn default_model_runs_in_tract() {
-        let spec = ResNetSpec::default();
-        let t0 = std::time::Instant::now();
-        let bytes = write_onnx(&spec, &init_weights(&spec, 0)).unwrap();
-        let t1 = std::time::Instant::now();
-        let shape = [1, 1, 256, 256];
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .unwrap()
-            .with_input_fact(0, f32::fact(shape).into())
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
-        let t2 = std::time::Instant::now();
-        let input = Tensor::from_shape(&shape, &random_input(256 * 256, 1)).unwrap();
-        let out = model.run(tvec!(input.into())).unwrap();
-        let t3 = std::time::Instant::now();
-        let view = out[0].to_plain_array_view::<f32>().unwrap();
-        let probs: Vec<f32> = view.iter().copied().collect();
-        assert_probabilities(view.shape(), &probs, 1, 2);
-        eprintln!(
-            "resnet18@256: {} MB onnx; init+write {:?}, load+optimise {:?}, one inference {:?}",
-            bytes.len() / 1_000_000,
-            t1 - t0,
-            t2 - t1,
-            t3 - t2
-        );
-    }
-}
+mod tests;

@@ -11,6 +11,13 @@
 //! that tract would compute differently (a batch-norm statistic not copied, a
 //! layout drift, a broken writer) never becomes a version.
 //!
+//! [`export_ensemble`] does the same for one graph holding several networks
+//! of one shape (say the fold models of a cross-validation), optionally each
+//! also run on the mirrored image, with logits divided by a fitted
+//! temperature: the writer builds the averaged graph
+//! ([`pleura::model::onnx`]), and the parity check compares it with the same
+//! average computed in tch (`export/ensemble.rs`).
+//!
 //! Versions are immutable: [`export`] claims `out/<version>/` with an atomic
 //! `create_dir` and refuses an existing one. The manifest carries golden
 //! cases, inputs regenerated from a seed by [`golden_input`] with the outputs
@@ -22,13 +29,18 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pleura::model::manifest::{self, GoldenCase, InputSpec, Manifest, ManifestError, ModelFiles};
+use pleura::model::manifest::{
+    self, CalibrationRecord, GoldenCase, InputSpec, Manifest, ManifestError, ModelFiles,
+};
 use pleura::model::onnx::{self, OnnxError, ResNetSpec, Weights};
 use pleura::model::Graph;
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
 use crate::model::{self, NetError, ResNet};
+
+mod ensemble;
+pub use ensemble::{export_ensemble, tch_ensemble_probabilities, EnsembleExportRequest};
 
 /// Largest tolerated absolute difference between a tract probability and the
 /// matching tch probability. Both compute in f32 with different kernels and
@@ -167,7 +179,26 @@ fn parity_with(
 ) -> Result<f32, ExportError> {
     check_inputs(spec, inputs)?;
     let reference = tch_probabilities(model, device, spec, inputs)?;
+    compare(graph, spec, inputs, &reference)
+}
+
+/// Runs `graph` on each input and compares with `reference` (tch's
+/// probabilities for the same inputs, row-major `[n, classes]`): the largest
+/// absolute difference, or [`ExportError::Parity`] above [`PARITY_TOLERANCE`].
+fn compare(
+    graph: &Graph,
+    spec: &ResNetSpec,
+    inputs: &[Vec<f32>],
+    reference: &[f32],
+) -> Result<f32, ExportError> {
     let classes = spec.num_classes as usize;
+    if reference.len() != inputs.len() * classes {
+        return Err(ExportError::Invalid(format!(
+            "tch gave {} probabilities for {} inputs of {classes} classes",
+            reference.len(),
+            inputs.len()
+        )));
+    }
     let mut max_abs_diff = 0f32;
     for (i, (image, want)) in inputs.iter().zip(reference.chunks(classes)).enumerate() {
         let got = graph
@@ -326,10 +357,53 @@ fn export_with(
 
     let mut weights = model::to_weights(vs, spec)?;
     tamper(&mut weights);
-    let onnx = onnx::write_onnx(spec, &weights)?;
+    let job = Job {
+        spec,
+        threshold: req.threshold,
+        metrics: &req.metrics,
+        training: &req.training,
+        parity_inputs: req.parity_inputs,
+        version: &req.version,
+        calibration: None,
+    };
+    write_model(
+        &job,
+        &weights,
+        |inputs| tch_probabilities(model, device, spec, inputs),
+        out,
+    )
+}
+
+/// What both export paths ([`export`], [`export_ensemble`]) hand to
+/// [`write_model`] once the weights are read: the graph's spec and what the
+/// manifest records.
+struct Job<'a> {
+    /// The graph's spec (members, flip and temperature included).
+    spec: &'a ResNetSpec,
+    threshold: f32,
+    metrics: &'a serde_json::Value,
+    training: &'a serde_json::Value,
+    parity_inputs: &'a [Vec<f32>],
+    version: &'a Option<String>,
+    calibration: Option<CalibrationRecord>,
+}
+
+/// Writes the graph of `job.spec` with `weights`, checks tract against
+/// `reference` (tch's probabilities for given inputs, row-major) on the
+/// parity inputs, computes the golden cases with tract, and claims and
+/// fills `out/<version>/`. The caller has validated the spec, the version
+/// and the inputs.
+fn write_model(
+    job: &Job,
+    weights: &Weights,
+    reference: impl FnOnce(&[Vec<f32>]) -> Result<Vec<f32>, ExportError>,
+    out: &Path,
+) -> Result<Exported, ExportError> {
+    let spec = job.spec;
+    let onnx = onnx::write_onnx(spec, weights)?;
     let sha256 = manifest::sha256_hex(&onnx);
     let created_at = pleura::time::now_rfc3339_seconds();
-    let version = match &req.version {
+    let version = match job.version {
         Some(v) => v.clone(),
         None => generated_version(&created_at, &sha256),
     };
@@ -340,7 +414,12 @@ fn export_with(
     }
 
     let graph = tract_graph(&onnx, spec)?;
-    let parity = parity_with(&graph, model, device, spec, req.parity_inputs)?;
+    let parity = compare(
+        &graph,
+        spec,
+        job.parity_inputs,
+        &reference(job.parity_inputs)?,
+    )?;
     let golden = GOLDEN_SEEDS
         .iter()
         .map(|&seed| {
@@ -373,14 +452,15 @@ fn export_with(
             output: onnx::OUTPUT_NAME.into(),
             normalisation: manifest::NORMALISATION_MINMAX.into(),
             labels: manifest::LABELS.iter().map(|s| s.to_string()).collect(),
-            threshold: req.threshold,
+            threshold: job.threshold,
             trained: true,
             spec: spec.clone(),
-            metrics: null_to_none(&req.metrics),
-            training: null_to_none(&req.training),
+            metrics: null_to_none(job.metrics),
+            training: null_to_none(job.training),
             golden,
             precision: pleura::model::Precision::Fp32,
             derived_from: None,
+            calibration: job.calibration.clone(),
         },
         onnx,
     };

@@ -256,6 +256,17 @@ impl ResNet {
     pub fn try_new(vs: &nn::Path, spec: &ResNetSpec) -> Result<ResNet, NetError> {
         spec.validate()
             .map_err(|e| NetError::InvalidSpec(e.to_string()))?;
+        // This is one network; an ensemble's members, its flip and its
+        // temperature exist only in the exported graph (and in the export's
+        // own tch reference), so building one from such a spec would
+        // silently be something else.
+        if !spec.is_plain() {
+            return Err(NetError::InvalidSpec(format!(
+                "a ResNet is one plain network, but the spec has {} member(s), tta_flip {} and \
+                 temperature {}: build each member from spec.member()",
+                spec.members, spec.tta_flip, spec.temperature
+            )));
+        }
         let conv1 = conv(&(vs / "conv1"), spec.in_channels, spec.stem_width, 7, 2, 3);
         let bn1 = batch_norm(&(vs / "bn1"), spec.stem_width);
         let mut blocks = Vec::new();
@@ -473,6 +484,7 @@ mod tests {
                 widths: vec![4, 8, 8],
                 blocks: vec![2, 1, 3],
                 num_classes: 3,
+                ..ResNetSpec::default()
             },
         ] {
             let vs = nn::VarStore::new(Device::Cpu);
@@ -755,6 +767,16 @@ mod tests {
             ResNet::try_new(&vs.root(), &bad),
             Err(NetError::InvalidSpec(_))
         ));
+        // An ensemble spec is not one network; its member is.
+        let ensemble = ResNetSpec {
+            members: 3,
+            ..ResNetSpec::tiny()
+        };
+        assert!(matches!(
+            ResNet::try_new(&vs.root(), &ensemble),
+            Err(NetError::InvalidSpec(_))
+        ));
+        assert!(ResNet::try_new(&vs.root(), &ensemble.member()).is_ok());
     }
 
     #[test]
