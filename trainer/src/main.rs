@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pleura::wire::TrainFlags;
+use pleura_trainer::cv::{CvConfig, CvOutcome, FoldEpoch};
 use pleura_trainer::quantize::{QuantizeConfig, QuantizeOutcome};
+use pleura_trainer::recipe::Recipe;
 use pleura_trainer::train::TrainConfig;
 
 /// Retrain, evaluate and export the Pleura effusion model.
@@ -20,7 +22,8 @@ struct Cli {
 enum Command {
     /// Train on a folder with effusion/ and nofinding/ (and optionally labels.csv),
     /// evaluate on a held-out split, and export model.onnx + model.json + a report
-    /// to OUT/<version>/.
+    /// to OUT/<version>/. With --folds K: cross-validate instead (K models,
+    /// out-of-fold figures, threshold, temperature; report in OUT/).
     Train(Box<TrainArgs>),
     /// Make the int8 variant of a trained model: calibrated on scans from its
     /// own training split, measured against it on its validation split with
@@ -60,9 +63,11 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// Dataset folder: effusion/ and nofinding/ with PNG, JPEG or DICOM files, and an
-    /// optional labels.csv (columns image, patient_id) for a split by patient.
-    #[arg(long)]
-    data: PathBuf,
+    /// optional labels.csv (columns image, patient_id) for a split by patient. Give it
+    /// more than once to train on several datasets together (patient ids are then
+    /// prefixed with each folder's name, which must differ).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
     /// Output folder; the model goes to OUT/<version>/.
     #[arg(long, default_value = "models")]
     out: PathBuf,
@@ -91,6 +96,67 @@ struct TrainArgs {
     int8: bool,
     #[command(flatten)]
     quant: QuantOptions,
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// Cross-validate with K patient-grouped, stratified folds instead of one split:
+    /// K models, out-of-fold predictions (oof.csv), a threshold and a temperature from
+    /// the pooled predictions, bootstrap intervals, report.md and cv.json in OUT/, and
+    /// the fold models in OUT/folds/.
+    #[arg(long, value_name = "K", conflicts_with_all = ["ablation", "publish", "int8"])]
+    folds: Option<usize>,
+    /// With --folds: which epoch each fold contributes: last (a fixed epoch count,
+    /// unbiased) or best (its best validation AUROC, slightly optimistic).
+    #[arg(long, value_enum, default_value_t = FoldEpoch::Last, requires = "folds")]
+    fold_epoch: FoldEpoch,
+    /// With --folds: bootstrap resamples (by patient) for the 95% intervals; 0 for none.
+    #[arg(long, default_value_t = pleura_trainer::cv::DEFAULT_RESAMPLES, requires = "folds")]
+    bootstrap: usize,
+}
+
+/// Trial settings of the recipe; each is off (neutral) by default.
+#[derive(clap::Args, Debug, Clone)]
+struct RecipeArgs {
+    /// Label smoothing X in [0, 0.5): targets 1 - X and X instead of 1 and 0.
+    #[arg(long, default_value_t = 0.0, value_name = "X")]
+    label_smoothing: f64,
+    /// Mixup with Beta(ALPHA, ALPHA) weights: each batch blended with a permutation of
+    /// itself, images and labels alike. 0 is off.
+    #[arg(long, default_value_t = 0.0, value_name = "ALPHA")]
+    mixup: f64,
+    /// Dropout P before the final layer, in training only (the exported graph is
+    /// unchanged).
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    dropout: f64,
+    /// Linear learning-rate warm-up over the first N epochs, batch by batch.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    warmup_epochs: usize,
+    /// Evaluate, keep and export an exponential moving average of the weights with
+    /// this decay (e.g. 0.99).
+    #[arg(long, value_name = "DECAY")]
+    ema: Option<f64>,
+    /// Scale the augmentation's rotation, shift, scale, brightness, contrast and noise
+    /// ranges by S (1 = the default ranges).
+    #[arg(long, default_value_t = 1.0, value_name = "S")]
+    augment_strength: f64,
+    /// Evaluate with flip TTA: p averaged over the image and its horizontal flip
+    /// (changes validation and out-of-fold predictions; the exported graph does not
+    /// flip).
+    #[arg(long)]
+    tta_flip: bool,
+}
+
+impl RecipeArgs {
+    fn recipe(&self) -> Recipe {
+        Recipe {
+            label_smoothing: self.label_smoothing,
+            mixup_alpha: self.mixup,
+            dropout: self.dropout,
+            warmup_epochs: self.warmup_epochs,
+            ema_decay: self.ema,
+            augment_strength: self.augment_strength,
+            tta_flip: self.tta_flip,
+        }
+    }
 }
 
 /// How an int8 variant is made (shared by `train --int8` and `quantize`).
@@ -205,6 +271,12 @@ fn main() -> ExitCode {
         }
         Command::Quantize(a) => quantize_command(*a),
         Command::Serve { .. } => unreachable!("handled above"),
+        Command::Train(a) if a.folds.is_some() => cross_validate_command(*a),
+        Command::Train(a) if a.int8 && a.data.len() > 1 => {
+            // Quantising re-makes the parent's split from one dataset.
+            eprintln!("pleura-trainer: --int8 needs a single --data");
+            ExitCode::from(2)
+        }
         Command::Train(a) => {
             // Settings are checked before hours of training, not after.
             let publish = if a.publish {
@@ -221,12 +293,12 @@ fn main() -> ExitCode {
             let quant = a.int8.then(|| {
                 a.quant.config(
                     PathBuf::new(),
-                    Some(a.data.clone()),
+                    Some(a.data[0].clone()),
                     a.out.clone(),
                     a.flags.loader_threads,
                 )
             });
-            let mut cfg = TrainConfig::from_flags(a.data, a.out, &a.flags);
+            let mut cfg = train_config(&a);
             cfg.ablation = a.ablation;
             match pleura_trainer::train::train(&cfg) {
                 Ok(outcome) => {
@@ -271,6 +343,101 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The training settings of `train`'s arguments: datasets, flags and recipe.
+fn train_config(a: &TrainArgs) -> TrainConfig {
+    let mut cfg = TrainConfig::from_flags(a.data[0].clone(), a.out.clone(), &a.flags);
+    cfg.more_data = a.data[1..].to_vec();
+    cfg.recipe = a.recipe.recipe();
+    cfg
+}
+
+fn cross_validate_command(a: TrainArgs) -> ExitCode {
+    let cfg = CvConfig {
+        fold_epoch: a.fold_epoch,
+        resamples: a.bootstrap,
+        ..CvConfig::new(train_config(&a), a.folds.unwrap_or(0))
+    };
+    match pleura_trainer::cv::cross_validate(&cfg) {
+        Ok(outcome) => {
+            print_cv_summary(&outcome);
+            ExitCode::SUCCESS
+        }
+        Err(
+            e @ (pleura_trainer::train::TrainError::Config(_)
+            | pleura_trainer::train::TrainError::Data(
+                pleura_trainer::data::DataError::TooFewForFolds { .. }
+                | pleura_trainer::data::DataError::DuplicateDataset { .. },
+            )),
+        ) => {
+            eprintln!("pleura-trainer: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("pleura-trainer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_cv_summary(o: &CvOutcome) {
+    let r = &o.results;
+    let images: usize = r.data.iter().map(|d| d.images).sum();
+    println!(
+        "{}-fold cross-validation on {images} images ({} effusion), each fold's {} epoch",
+        r.k, r.overall.effusion, r.fold_epoch
+    );
+    println!("  fold AUROC (mean ± SD): {}", r.fold_auroc.show());
+    println!("  OOF AUROC, all images: {}", r.overall.auroc.show());
+    if r.per_dataset.len() > 1 {
+        for f in &r.per_dataset {
+            println!(
+                "  OOF AUROC, {} ({} images): {}",
+                f.name,
+                f.images,
+                f.auroc.show()
+            );
+        }
+    }
+    match r.threshold.calibrated {
+        Some(t) => println!(
+            "  threshold {t} (target recall {:.2}, on the pooled OOF p_calibrated; {} uncalibrated)",
+            r.threshold.target_recall,
+            r.threshold
+                .uncalibrated
+                .map_or("none".into(), |u| u.to_string())
+        ),
+        None => println!(
+            "  no threshold reaches recall {:.2} on the pooled OOF predictions",
+            r.threshold.target_recall
+        ),
+    }
+    for f in std::iter::once(&r.overall).chain(if r.per_dataset.len() > 1 {
+        r.per_dataset.iter()
+    } else {
+        [].iter()
+    }) {
+        println!(
+            "  at it, {}: recall {}  precision {}",
+            f.name,
+            f.recall.show(),
+            f.precision.show()
+        );
+    }
+    let c = &r.calibration;
+    let fmt = |x: Option<f64>| x.map_or("n/a".into(), |x| format!("{x:.3}"));
+    println!(
+        "  temperature T = {:.3}; ECE {} -> {}",
+        c.temperature,
+        fmt(c.ece_before),
+        fmt(c.ece_after)
+    );
+    println!(
+        "  wall time {:.1} s ({:.1} s training) on {}",
+        r.wall_seconds, r.training_seconds, r.device
+    );
+    println!("report: {}", o.report.display());
 }
 
 fn serve(config: Option<&std::path::Path>) -> ExitCode {

@@ -135,6 +135,8 @@ pub struct ResNet {
     bn1: nn::BatchNorm,
     blocks: Vec<BasicBlock>,
     fc: nn::Linear,
+    /// Dropout on the pooled features in training only (see [`ResNet::with_dropout`]).
+    dropout: f64,
 }
 
 /// A bias-free square conv. Kaiming-normal (fan-out, ReLU gain) as
@@ -306,16 +308,24 @@ impl ResNet {
             bn1,
             blocks,
             fc,
+            dropout: 0.0,
         })
+    }
+
+    /// The same network with dropout `p` on the pooled features before `fc`, in
+    /// training mode only: eval mode, and so the exported graph, is unchanged.
+    pub fn with_dropout(mut self, p: f64) -> ResNet {
+        self.dropout = p;
+        self
     }
 }
 
 impl ModuleT for ResNet {
     /// `xs`: `[N, in_channels, S, S]` float in [0, 1]. Returns logits
-    /// `[N, num_classes]`. `train` only switches batch norm between batch
-    /// statistics (updating the running ones) and the running statistics;
-    /// there is no dropout, so eval mode is deterministic and equals the
-    /// exported graph before its softmax.
+    /// `[N, num_classes]`. `train` switches batch norm between batch
+    /// statistics (updating the running ones) and the running statistics,
+    /// and turns on the dropout of [`ResNet::with_dropout`] if any; eval mode
+    /// is deterministic and equals the exported graph before its softmax.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let mut x = xs
             .apply(&self.conv1)
@@ -326,8 +336,13 @@ impl ModuleT for ResNet {
             x = b.forward_t(&x, train);
         }
         // GlobalAveragePool + Flatten in one step: mean over H and W.
-        x.mean_dim([2i64, 3].as_slice(), false, Kind::Float)
-            .apply(&self.fc)
+        let pooled = x.mean_dim([2i64, 3].as_slice(), false, Kind::Float);
+        let pooled = if train && self.dropout > 0.0 {
+            pooled.dropout(self.dropout, true)
+        } else {
+            pooled
+        };
+        pooled.apply(&self.fc)
     }
 }
 

@@ -185,25 +185,25 @@ pub fn write_report(dir: &Path, report: &Report) -> Result<(), ReportError> {
     write_file(&dir.join("report.md"), render_markdown(report).as_bytes())
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
     move |source| ReportError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     fs::write(path, bytes).map_err(io_err(path))
 }
 
 // ---------------------------------------------------------------- markdown
 
 /// `Some(x)` with three decimals, or "n/a".
-fn opt3(x: Option<f64>) -> String {
+pub(crate) fn opt3(x: Option<f64>) -> String {
     x.map_or_else(|| "n/a".to_string(), |x| format!("{x:.3}"))
 }
 
-fn human_duration(seconds: f64) -> String {
+pub(crate) fn human_duration(seconds: f64) -> String {
     if seconds.is_finite() && seconds >= 0.0 {
         humantime::format_duration(Duration::from_secs(seconds.round() as u64)).to_string()
     } else {
@@ -212,7 +212,7 @@ fn human_duration(seconds: f64) -> String {
 }
 
 /// A JSON value as prose: strings without quotes, the rest compact JSON.
-fn json_inline(v: &serde_json::Value) -> String {
+pub(crate) fn json_inline(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -387,7 +387,7 @@ const FONT_CANDIDATES: &[&str] = &[
 
 /// Registers a system font with plotters once per process; `false` if none
 /// could be loaded, in which case plots are drawn without text.
-fn font_available() -> bool {
+pub(crate) fn font_available() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
         for path in FONT_CANDIDATES {
@@ -412,11 +412,11 @@ const TITLE_PX: u32 = 26;
 const LABEL_PX: u32 = 17;
 const AXIS_DESC_PX: u32 = 19;
 
-const BLUE_: RGBColor = RGBColor(31, 119, 180);
-const ORANGE: RGBColor = RGBColor(255, 127, 14);
-const GREEN_: RGBColor = RGBColor(44, 160, 44);
-const RED_: RGBColor = RGBColor(214, 39, 40);
-const GREY: RGBColor = RGBColor(120, 120, 120);
+pub(crate) const BLUE_: RGBColor = RGBColor(31, 119, 180);
+pub(crate) const ORANGE: RGBColor = RGBColor(255, 127, 14);
+pub(crate) const GREEN_: RGBColor = RGBColor(44, 160, 44);
+pub(crate) const RED_: RGBColor = RGBColor(214, 39, 40);
+pub(crate) const GREY: RGBColor = RGBColor(120, 120, 120);
 
 fn plot_err<E: Display>(path: &Path) -> impl FnOnce(E) -> ReportError + '_ {
     move |e| ReportError::Plot(format!("{}: {e}", path.display()))
@@ -424,7 +424,7 @@ fn plot_err<E: Display>(path: &Path) -> impl FnOnce(E) -> ReportError + '_ {
 
 /// How one series of a [`LineChart`] is drawn.
 #[derive(Clone, Copy, PartialEq)]
-enum Style {
+pub(crate) enum Style {
     /// A solid line.
     Line,
     /// A dashed reference line (chance level, diagonal).
@@ -433,7 +433,7 @@ enum Style {
     Points,
 }
 
-struct Series {
+pub(crate) struct Series {
     label: String,
     points: Vec<(f64, f64)>,
     color: RGBColor,
@@ -441,7 +441,7 @@ struct Series {
 }
 
 impl Series {
-    fn new(
+    pub(crate) fn new(
         label: impl Into<String>,
         points: Vec<(f64, f64)>,
         color: RGBColor,
@@ -463,20 +463,20 @@ impl Series {
 
 /// The common case of every plot but the confusion matrix: titled axes,
 /// a few series, a legend.
-struct LineChart {
-    title: String,
-    x_desc: &'static str,
-    y_desc: &'static str,
-    x_range: Range<f64>,
-    y_range: Range<f64>,
+pub(crate) struct LineChart {
+    pub(crate) title: String,
+    pub(crate) x_desc: &'static str,
+    pub(crate) y_desc: &'static str,
+    pub(crate) x_range: Range<f64>,
+    pub(crate) y_range: Range<f64>,
     /// Tick labels only at whole numbers (epochs).
-    integer_x: bool,
-    legend: SeriesLabelPosition,
-    series: Vec<Series>,
+    pub(crate) integer_x: bool,
+    pub(crate) legend: SeriesLabelPosition,
+    pub(crate) series: Vec<Series>,
 }
 
 impl LineChart {
-    fn draw(self, path: &Path, text: bool) -> Result<(), ReportError> {
+    pub(crate) fn draw(self, path: &Path, text: bool) -> Result<(), ReportError> {
         let root = BitMapBackend::new(path, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err(path))?;
         let mut builder = ChartBuilder::on(&root);
@@ -730,7 +730,7 @@ fn plot_roc(path: &Path, r: &Report, text: bool) -> Result<(), ReportError> {
 /// The PR curve as a step function: each point's precision holds back to
 /// the previous recall, so the area under the drawn line is the reported
 /// average precision.
-fn pr_steps(pr: &[(f64, f64)]) -> Vec<(f64, f64)> {
+pub(crate) fn pr_steps(pr: &[(f64, f64)]) -> Vec<(f64, f64)> {
     let mut out = Vec::with_capacity(pr.len() * 2);
     for (i, &(r, p)) in pr.iter().enumerate() {
         if i > 0 {

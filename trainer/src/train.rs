@@ -15,211 +15,39 @@
 //! [`RunControl`], and checkpointed after every epoch and resumed from a
 //! checkpoint ([`crate::checkpoint`]) so that it ends with the model the
 //! uninterrupted run would have made.
+//!
+//! [`train_fold`] is the same loop for one cross-validation fold
+//! ([`crate::cv`]): given training and validation lists, no split, no
+//! checkpoint, no export; it keeps every epoch's validation predictions and
+//! both the last and the best epoch's weights. The trial settings of
+//! [`crate::recipe`] (all neutral by default) act inside the loop.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 use tch::nn::{self, ModuleT};
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use pleura::model::onnx::ResNetSpec;
 use pleura::scan::Limits;
 
 use crate::augment::AugmentConfig;
 use crate::checkpoint::{self, BestState, CheckpointError, CheckpointState, EpochSeeds};
-use crate::data::{self, Batch, DataError, Loader, Sample};
-use crate::export::{self, ExportError, ExportRequest, Exported};
+use crate::data::{self, Batch, Loader, Sample};
+use crate::export::{self, ExportRequest, Exported};
 use crate::metrics::{self, Evaluation};
-use crate::model::{self, NetError, ResNet};
-use crate::optim::{Adam, AdamConfig, OptimError};
+use crate::model::{self, ResNet};
+use crate::optim::{Adam, AdamConfig};
+use crate::recipe::{self, Ema};
 use crate::report::{self, EpochRecord, Report};
+use crate::train_config::validate;
 
 pub use crate::checkpoint::read_state;
 pub use crate::control::{BatchProgress, RunControl};
+pub use crate::train_config::{TrainConfig, TrainError};
 
 pub use pleura::wire::{BadFlag, ClassWeights, Schedule};
-
-/// Everything a training run is told.
-#[derive(Debug, Clone, Serialize)]
-pub struct TrainConfig {
-    /// Dataset root with `effusion/` and `nofinding/` (and optionally `labels.csv`).
-    pub data: PathBuf,
-    /// Output root; the model goes to `out/<version>/`.
-    pub out: PathBuf,
-    /// Training epochs.
-    pub epochs: usize,
-    /// Images per batch.
-    pub batch_size: usize,
-    /// Width of the first stage (64 = the seed's ResNet-18).
-    pub width: i64,
-    /// Side of the square input.
-    pub image_size: u32,
-    /// Adam learning rate.
-    pub lr: f64,
-    /// Adam weight decay.
-    pub weight_decay: f64,
-    /// Learning-rate schedule.
-    pub schedule: Schedule,
-    /// Loss class weights.
-    pub class_weights: ClassWeights,
-    /// Recall the decision threshold must reach on validation.
-    pub target_recall: f64,
-    /// Fail-fast overfit check on this many images instead of a real run.
-    pub ablation: Option<usize>,
-    /// `auto`, `cpu` or `cuda`.
-    pub device: String,
-    /// Seed of everything random: split, shuffles, augmentation, weights.
-    pub seed: u64,
-    /// Share of images held out for validation.
-    pub val_fraction: f64,
-    /// Augment training images (CXR-safe).
-    pub augment: bool,
-    /// Background decoding threads.
-    pub loader_threads: usize,
-    /// Model version; generated when absent.
-    pub version: Option<String>,
-    /// Draw the progress bar (on a terminal).
-    pub progress: bool,
-    /// Watches the run and may stop it between batches.
-    #[serde(skip)]
-    pub control: Option<Arc<dyn RunControl>>,
-    /// Write a complete checkpoint after every epoch to
-    /// `checkpoint_dir/epoch-NNNN/`, keeping the newest two.
-    #[serde(skip)]
-    pub checkpoint_dir: Option<PathBuf>,
-    /// A checkpoint directory to continue from, written by a run with the
-    /// same settings on the same data.
-    #[serde(skip)]
-    pub resume: Option<PathBuf>,
-    /// The training service's id of the run, recorded in the manifest.
-    #[serde(skip)]
-    pub run_id: Option<String>,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            data: PathBuf::new(),
-            out: PathBuf::from("models"),
-            epochs: 10,
-            batch_size: 16,
-            width: 64,
-            image_size: 256,
-            lr: 1e-3,
-            weight_decay: 1e-4,
-            schedule: Schedule::Cosine,
-            class_weights: ClassWeights::Auto,
-            target_recall: 0.90,
-            ablation: None,
-            device: "auto".into(),
-            seed: 0,
-            val_fraction: 0.2,
-            augment: true,
-            loader_threads: 2,
-            version: None,
-            progress: true,
-            control: None,
-            checkpoint_dir: None,
-            resume: None,
-            run_id: None,
-        }
-    }
-}
-
-impl TrainConfig {
-    /// The run that `flags` describe, on the dataset at `data`, exporting to `out`.
-    pub fn from_flags(
-        data: PathBuf,
-        out: PathBuf,
-        flags: &pleura::wire::TrainFlags,
-    ) -> TrainConfig {
-        TrainConfig {
-            data,
-            out,
-            epochs: flags.epochs,
-            batch_size: flags.batch_size,
-            width: flags.width,
-            image_size: flags.image_size,
-            lr: flags.lr,
-            weight_decay: flags.weight_decay,
-            schedule: flags.schedule,
-            class_weights: flags.class_weights,
-            target_recall: flags.target_recall,
-            ablation: None,
-            device: flags.device.to_string(),
-            seed: flags.seed,
-            val_fraction: flags.val_fraction,
-            augment: !flags.no_augment,
-            loader_threads: flags.loader_threads,
-            version: flags.version.clone(),
-            progress: true,
-            control: None,
-            checkpoint_dir: None,
-            resume: None,
-            run_id: None,
-        }
-    }
-}
-
-/// Why training stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// The dataset could not be read.
-    #[error(transparent)]
-    Data(#[from] DataError),
-    /// The model or device could not be set up.
-    #[error(transparent)]
-    Model(#[from] NetError),
-    /// Export failed (including a failed parity check).
-    #[error(transparent)]
-    Export(#[from] ExportError),
-    /// The report could not be written.
-    #[error("report: {0}")]
-    Report(String),
-    /// The ablation check failed: the set-up cannot even overfit a handful of images.
-    #[error(
-        "ABLATION FAILED: after {epochs} epochs the model reaches only {accuracy:.1}% training accuracy on {n} images \
-         (needs 100%). A healthy set-up overfits this easily; check the labels, the loss, and the learning rate ({lr})."
-    )]
-    AblationFailed {
-        /// Images trained on.
-        n: usize,
-        /// Epochs run.
-        epochs: usize,
-        /// Best training accuracy reached, in percent.
-        accuracy: f64,
-        /// Learning rate used.
-        lr: f64,
-    },
-    /// A configuration value makes no sense.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// libtorch failed.
-    #[error("torch: {0}")]
-    Torch(#[from] tch::TchError),
-    /// The optimiser failed.
-    #[error(transparent)]
-    Optimizer(#[from] OptimError),
-    /// A checkpoint could not be written.
-    #[error("checkpoint: {0}")]
-    Checkpoint(#[from] CheckpointError),
-    /// The checkpoint to resume from is unreadable, or was made by another
-    /// configuration or dataset.
-    #[error("cannot resume: {0}")]
-    Resume(String),
-    /// [`RunControl::stop`] asked the run to stop; nothing was exported.
-    #[error("stopped during epoch {epoch}: {reason}")]
-    Stopped {
-        /// Why, as the control said.
-        reason: String,
-        /// The epoch (1-based) running when it stopped; the last one when
-        /// it stopped before the export.
-        epoch: usize,
-    },
-}
 
 /// What a run produced.
 #[derive(Debug)]
@@ -262,7 +90,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
                 break;
             }
         } else if Best::improves(sofar.best.as_ref(), &eval) {
-            run.best_vs.copy(&run.vs)?;
+            // Field by field: the kept weights are the evaluated ones.
+            run.best_vs
+                .copy(run.ema.as_ref().map_or(&run.vs, |e| &e.vs))?;
             sofar.best = Some(Best::new(epoch, eval, scores));
         }
         let saved = match &cfg.checkpoint_dir {
@@ -332,6 +162,86 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome, TrainError> {
     })
 }
 
+/// What training on one cross-validation fold produced.
+pub struct FoldRun {
+    /// Per-epoch history.
+    pub records: Vec<EpochRecord>,
+    /// Per epoch (0-based), per view, the validation images' margins
+    /// `logit_effusion - logit_nofinding`, in validation order: one view, or the
+    /// image's and its flip's under flip TTA (see `calibration`).
+    pub epoch_margins: Vec<Vec<Vec<f32>>>,
+    /// Per epoch, the validation p_effusion (averaged over the views).
+    pub epoch_scores: Vec<Vec<f32>>,
+    /// The epoch (1-based) with the best validation AUROC, ties to the lower loss: what
+    /// `train` keeps.
+    pub best_epoch: usize,
+    /// The weights after the last epoch (the average under `--ema`), batch-norm
+    /// statistics recomputed on the fold's training images.
+    pub last: (nn::VarStore, ResNet),
+    /// The weights of `best_epoch`.
+    pub best: (nn::VarStore, ResNet),
+    /// The network's shape.
+    pub spec: ResNetSpec,
+    /// Wall time of the fold.
+    pub seconds: f64,
+    /// Where it trained.
+    pub device: String,
+}
+
+/// Trains on `train` and evaluates on `val` after every epoch, with `cfg`'s
+/// settings (its data, split and export settings are not used): the training
+/// loop of [`train`] without a split, checkpoints or export, for
+/// cross-validation. Keeps both the last and the best epoch's weights, and
+/// every epoch's validation predictions, so the caller can choose.
+pub fn train_fold(
+    cfg: &TrainConfig,
+    train: Vec<Sample>,
+    val: Vec<Sample>,
+) -> Result<FoldRun, TrainError> {
+    validate(cfg)?;
+    if cfg.ablation.is_some() || cfg.checkpoint_dir.is_some() || cfg.resume.is_some() {
+        return Err(TrainError::Config(
+            "a fold is not an ablation, and is not checkpointed or resumed".into(),
+        ));
+    }
+    let started = Instant::now();
+    tch::manual_seed(cfg.seed as i64);
+    let device = model::device_from(&cfg.device)?;
+    let data = Prepared::from_samples(cfg, train, val);
+    let mut run = Run::new(cfg, device, &data)?;
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    let mut best: Option<Best> = None;
+    for epoch in 0..cfg.epochs {
+        let (record, eval, scores) = run.epoch(epoch)?;
+        report_epoch(cfg, &record);
+        out.0.push(record);
+        out.1.push(std::mem::take(&mut run.margins));
+        out.2.push(scores.clone());
+        if Best::improves(best.as_ref(), &eval) {
+            // Field by field: the kept weights are the evaluated ones.
+            run.best_vs
+                .copy(run.ema.as_ref().map_or(&run.vs, |e| &e.vs))?;
+            best = Some(Best::new(epoch, eval, scores));
+        }
+    }
+    let best_epoch = best.map_or(cfg.epochs, |b| b.epoch);
+    let last = match run.ema {
+        Some(e) => (e.vs, e.net),
+        None => (run.vs, run.net),
+    };
+    Ok(FoldRun {
+        records: out.0,
+        epoch_margins: out.1,
+        epoch_scores: out.2,
+        best_epoch,
+        last,
+        best: (run.best_vs, run.best_net),
+        spec: run.spec,
+        seconds: started.elapsed().as_secs_f64(),
+        device: format!("{device:?}"),
+    })
+}
+
 /// What the epochs have produced so far (restored from a checkpoint on resume).
 #[derive(Default)]
 struct SoFar {
@@ -372,7 +282,11 @@ struct Prepared {
 
 impl Prepared {
     fn new(cfg: &TrainConfig) -> Result<Prepared, TrainError> {
-        let mut dataset = data::scan_dataset(&cfg.data)?;
+        let mut dataset = if cfg.more_data.is_empty() {
+            data::scan_dataset(&cfg.data)?
+        } else {
+            data::scan_datasets(&cfg.datasets())?
+        };
         if let Some(n) = cfg.ablation {
             dataset = data::subsample(&dataset, n, cfg.seed);
         }
@@ -384,6 +298,25 @@ impl Prepared {
             let s = data::split(&dataset, cfg.val_fraction, cfg.seed);
             (s.train, s.val, Some(s.summary))
         };
+        Ok(Prepared::with(dataset, train, val, split, cfg))
+    }
+
+    /// Given training and validation lists (a cross-validation fold).
+    fn from_samples(cfg: &TrainConfig, train: Vec<Sample>, val: Vec<Sample>) -> Prepared {
+        let dataset = data::Dataset {
+            root: cfg.data.clone(),
+            samples: train.iter().chain(&val).cloned().collect(),
+        };
+        Prepared::with(dataset, train, val, None, cfg)
+    }
+
+    fn with(
+        dataset: data::Dataset,
+        train: Vec<Sample>,
+        val: Vec<Sample>,
+        split: Option<data::SplitSummary>,
+        cfg: &TrainConfig,
+    ) -> Prepared {
         let n_pos = positives(&train);
         let weights = class_weights(cfg.class_weights, n_pos, train.len() - n_pos);
         tracing::info!(
@@ -395,19 +328,23 @@ impl Prepared {
             weight_nofinding = weights[1],
             "data ready"
         );
-        Ok(Prepared {
+        Prepared {
             dataset,
             train,
             val,
             split,
             weights,
-        })
+        }
     }
 
     /// What the report and the manifest say about the data.
     fn summary(&self, cfg: &TrainConfig) -> serde_json::Value {
+        let root = match cfg.more_data.is_empty() {
+            true => serde_json::json!(cfg.data.display().to_string()),
+            false => serde_json::json!(cfg.datasets()),
+        };
         serde_json::json!({
-            "root": cfg.data.display().to_string(),
+            "root": root,
             "images": self.dataset.samples.len(),
             "effusion": positives(&self.dataset.samples),
             "train": self.train.len(),
@@ -426,7 +363,7 @@ impl Prepared {
     /// and the version are left out: another trainer may see the same data
     /// under another path, on another device.
     fn run_identity(&self, cfg: &TrainConfig) -> serde_json::Value {
-        serde_json::json!({
+        let mut identity = serde_json::json!({
             "format": checkpoint::FORMAT,
             "train_images": self.train.len(),
             "train_fingerprint": data::fingerprint(&self.train),
@@ -444,7 +381,13 @@ impl Prepared {
             "augment": cfg.augment,
             "target_recall": cfg.target_recall,
             "val_fraction": cfg.val_fraction,
-        })
+        });
+        // Only when set, so that checkpoints of runs without trial settings keep
+        // their fingerprint.
+        if !cfg.recipe.is_default() {
+            identity["recipe"] = serde_json::json!(cfg.recipe);
+        }
+        identity
     }
 
     /// The caveats a reader of the report must see.
@@ -517,11 +460,17 @@ struct Run<'a> {
     net: ResNet,
     /// The best epoch's weights, copied in as training goes.
     best_vs: nn::VarStore,
+    best_net: ResNet,
     opt: Adam,
     loss_weights: Tensor,
     train_loader: Loader,
     val_loader: Loader,
     augment: Option<AugmentConfig>,
+    /// The average of the weights under `--ema`: what is evaluated and kept.
+    ema: Option<Ema>,
+    /// The last evaluation's margins per view (see `recipe::Views`), each in
+    /// validation order.
+    margins: Vec<Vec<f32>>,
 }
 
 impl<'a> Run<'a> {
@@ -540,9 +489,15 @@ impl<'a> Run<'a> {
             )
         };
         let vs = nn::VarStore::new(device);
-        let net = ResNet::new(&vs.root(), &spec);
+        let net = ResNet::new(&vs.root(), &spec).with_dropout(cfg.recipe.dropout);
         let best_vs = nn::VarStore::new(device);
-        let _shadow = ResNet::new(&best_vs.root(), &spec);
+        let best_net = ResNet::new(&best_vs.root(), &spec);
+        // Made after the network and its shadow so that runs without an average
+        // draw the same initial weights as before.
+        let ema = match cfg.recipe.ema_decay {
+            Some(decay) => Some(Ema::new(&vs, &spec, decay)?),
+            None => None,
+        };
         let adam = AdamConfig {
             weight_decay: cfg.weight_decay,
             ..AdamConfig::default()
@@ -556,12 +511,23 @@ impl<'a> Run<'a> {
             net,
             vs,
             best_vs,
+            best_net,
             opt,
             loss_weights: Tensor::from_slice(&[w[0] as f32, w[1] as f32]).to_device(device),
             train_loader: loader(&data.train),
             val_loader: loader(&data.val),
-            augment: (cfg.augment && cfg.ablation.is_none()).then(AugmentConfig::default),
+            augment: cfg
+                .recipe
+                .augmentation(cfg.augment && cfg.ablation.is_none()),
+            ema,
+            margins: Vec::new(),
         })
+    }
+
+    /// The network that is evaluated, kept and exported: the average under
+    /// `--ema`, else the trained one.
+    fn eval_net(&self) -> &ResNet {
+        self.ema.as_ref().map_or(&self.net, |e| &e.net)
     }
 
     /// One epoch: train, recompute batch-norm statistics, evaluate.
@@ -577,16 +543,17 @@ impl<'a> Run<'a> {
         let seeds = EpochSeeds::derive(cfg.seed, epoch);
         tch::manual_seed(seeds.torch);
         let epoch_seed = seeds.data;
-        let fit = self.fit(epoch, epoch_seed)?;
+        let fit = self.fit(epoch, epoch_seed, lr)?;
         let train_seconds = t0.elapsed().as_secs_f64();
         self.precise_batch_norm(epoch_seed)?;
-        let (eval, scores, val_loss) = evaluate(
-            &self.net,
+        let (eval, scores, val_loss, margins) = evaluate(
+            self.eval_net(),
             &self.val_loader,
             &self.loss_weights,
             cfg,
             self.device,
         )?;
+        self.margins = margins;
         let record = EpochRecord {
             epoch: epoch + 1,
             train_loss: fit.loss_sum / fit.seen.max(1) as f64,
@@ -604,7 +571,7 @@ impl<'a> Run<'a> {
 
     /// The training pass of one epoch: class-weighted cross-entropy, Adam.
     /// The control may stop it before any batch.
-    fn fit(&mut self, epoch: usize, epoch_seed: u64) -> Result<Fit, TrainError> {
+    fn fit(&mut self, epoch: usize, epoch_seed: u64, lr: f64) -> Result<Fit, TrainError> {
         let cfg = self.cfg;
         let t0 = Instant::now();
         let bar = epoch_bar(cfg.progress, self.train_loader.len(), epoch, cfg.epochs);
@@ -619,16 +586,34 @@ impl<'a> Run<'a> {
             let Some(batch) = loader.next() else { break };
             let batch = batch?;
             let (xs, ys) = tensors(&batch, cfg.image_size, self.device);
+            let n = batch.labels.len();
+            let recipe = &cfg.recipe;
+            self.opt
+                .set_lr(lr * recipe.warmup_factor(epoch, index, batches));
+            // Off in an ablation, like augmentation: it asks only whether the
+            // images can be learnt.
+            let mix = recipe
+                .mixup(epoch_seed, index, n)
+                .filter(|_| cfg.ablation.is_none());
+            let (xs, partner) = match &mix {
+                Some(m) => {
+                    let (mixed, other) = m.apply(&xs, &ys);
+                    (mixed, Some((other, m.lambda)))
+                }
+                None => (xs, None),
+            };
             let logits = self.net.forward_t(&xs, true);
-            let loss = logits.cross_entropy_loss(
+            let loss = recipe::loss(
+                &logits,
                 &ys,
-                Some(&self.loss_weights),
-                Reduction::Mean,
-                -100,
-                0.0,
+                partner.as_ref().map(|(o, l)| (o, *l)),
+                &self.loss_weights,
+                recipe.label_smoothing,
             );
             self.opt.backward_step(&loss)?;
-            let n = batch.labels.len();
+            if let Some(ema) = &mut self.ema {
+                ema.update(&self.vs);
+            }
             fit.loss_sum += loss.double_value(&[]) * n as f64;
             fit.correct += logits
                 .argmax(1, false)
@@ -659,7 +644,7 @@ impl<'a> Run<'a> {
     /// Precise BN before every evaluation: see
     /// `ResNet::recompute_batch_norm_stats`. Un-augmented training images,
     /// as the served model sees un-augmented scans.
-    fn precise_batch_norm(&mut self, epoch_seed: u64) -> Result<(), TrainError> {
+    fn precise_batch_norm(&self, epoch_seed: u64) -> Result<(), TrainError> {
         let (cfg, device) = (self.cfg, self.device);
         let mut load_error = None;
         let batches = self
@@ -672,7 +657,7 @@ impl<'a> Run<'a> {
                     None
                 }
             });
-        self.net.recompute_batch_norm_stats(batches)?;
+        self.eval_net().recompute_batch_norm_stats(batches)?;
         match load_error {
             Some(e) => Err(e.into()),
             None => Ok(()),
@@ -793,10 +778,28 @@ impl<'a> Run<'a> {
                 fields.insert("resumed_from_epoch".into(), epoch.into());
             }
         }
+        let metrics = serde_json::to_value(&best.eval).expect("metrics serialise");
+        if cfg.recipe.tta_flip {
+            // The threshold and metrics were measured with the flip, so the
+            // served graph must flip too: a one-member "ensemble" with it.
+            let req = export::EnsembleExportRequest {
+                spec: &self.spec,
+                members: &[&self.vs],
+                tta_flip: true,
+                temperature: 1.0,
+                calibration: None,
+                threshold,
+                metrics,
+                training,
+                parity_inputs: &parity_inputs,
+                version: cfg.version.clone(),
+            };
+            return Ok(export::export_ensemble(&req, &cfg.out)?);
+        }
         let req = ExportRequest {
             spec: &self.spec,
             threshold,
-            metrics: serde_json::to_value(&best.eval).expect("metrics serialise"),
+            metrics,
             training,
             parity_inputs: &parity_inputs,
             version: cfg.version.clone(),
@@ -849,38 +852,6 @@ fn report_epoch(cfg: &TrainConfig, record: &EpochRecord) {
     }
 }
 
-fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
-    let bad = |m: &str| Err(TrainError::Config(m.to_string()));
-    if cfg.epochs == 0 {
-        return bad("--epochs must be at least 1");
-    }
-    if cfg.batch_size == 0 {
-        return bad("--batch-size must be at least 1");
-    }
-    if cfg.width < 1 || cfg.image_size < pleura::model::onnx::MIN_IMAGE_SIZE {
-        return bad("--width must be >= 1 and --image-size >= 32");
-    }
-    if !(0.0..=1.0).contains(&cfg.target_recall) {
-        return bad("--target-recall must be within [0, 1]");
-    }
-    // Written so that NaN fails too.
-    if cfg.lr.is_nan() || cfg.lr < 0.0 {
-        return bad("--lr must be >= 0");
-    }
-    if !(0.0 < cfg.val_fraction && cfg.val_fraction < 1.0) {
-        return bad("--val-fraction must be within (0, 1)");
-    }
-    if cfg.ablation.is_some_and(|n| n < 2) {
-        return bad("--ablation needs at least 2 images");
-    }
-    // An ablation is a minute's check, and stops at the first epoch that
-    // overfits: nothing worth resuming.
-    if cfg.ablation.is_some() && (cfg.checkpoint_dir.is_some() || cfg.resume.is_some()) {
-        return bad("--ablation runs are not checkpointed or resumed");
-    }
-    Ok(())
-}
-
 /// Loss weights for (effusion, nofinding).
 pub fn class_weights(choice: ClassWeights, n_pos: usize, n_neg: usize) -> [f64; 2] {
     match choice {
@@ -907,31 +878,37 @@ fn tensors(batch: &Batch, size: u32, device: Device) -> (Tensor, Tensor) {
     (xs, ys)
 }
 
-/// Validation pass in eval mode: metrics, p_effusion per image, mean loss.
+/// What a validation pass gives: metrics, p_effusion per image, mean loss,
+/// and each view's margins (one view, or two under flip TTA).
+type Evaluated = (Evaluation, Vec<f32>, f64, Vec<Vec<f32>>);
+
+/// Validation pass in eval mode (see [`Evaluated`]).
 fn evaluate(
     net: &ResNet,
     loader: &Loader,
     loss_weights: &Tensor,
     cfg: &TrainConfig,
     device: Device,
-) -> Result<(Evaluation, Vec<f32>, f64), TrainError> {
+) -> Result<Evaluated, TrainError> {
     let mut scores = Vec::with_capacity(loader.len());
+    let mut margins: Vec<Vec<f32>> = Vec::new();
     let mut positives = Vec::with_capacity(loader.len());
     let mut loss_sum = 0.0;
+    let to_vec = |t: &Tensor| Vec::<f32>::try_from(&t.to_device(Device::Cpu));
     tch::no_grad(|| -> Result<(), TrainError> {
         for batch in loader.epoch(cfg.batch_size.max(1), None, None) {
             let batch = batch?;
             let (xs, ys) = tensors(&batch, cfg.image_size, device);
-            let logits = net.forward_t(&xs, false);
-            let loss =
-                logits.cross_entropy_loss(&ys, Some(loss_weights), Reduction::Mean, -100, 0.0);
+            let out = recipe::eval_views(net, &xs, cfg.recipe.tta_flip);
+            // Plain cross-entropy whatever the training loss, so that epochs and
+            // recipes compare on one scale.
+            let loss = recipe::loss(&out.logits, &ys, None, loss_weights, 0.0);
             loss_sum += loss.double_value(&[]) * batch.labels.len() as f64;
-            let p = logits
-                .softmax(1, Kind::Float)
-                .select(1, 0)
-                .to_device(Device::Cpu);
-            let p: Vec<f32> = Vec::<f32>::try_from(&p)?;
-            scores.extend(p);
+            scores.extend(to_vec(&out.p)?);
+            margins.resize_with(out.margins.len(), Vec::new);
+            for (all, view) in margins.iter_mut().zip(&out.margins) {
+                all.extend(to_vec(view)?);
+            }
             positives.extend(batch.labels.iter().map(|&l| l == 0));
         }
         Ok(())
@@ -939,7 +916,7 @@ fn evaluate(
     let mut eval = metrics::evaluate(&scores, &positives, cfg.target_recall);
     let val_loss = loss_sum / scores.len().max(1) as f64;
     eval.loss = Some(val_loss);
-    Ok((eval, scores, val_loss))
+    Ok((eval, scores, val_loss, margins))
 }
 
 fn first_images(loader: &Loader, n: usize, cfg: &TrainConfig) -> Result<Vec<Vec<f32>>, TrainError> {

@@ -33,8 +33,14 @@ pub struct Sample {
     pub path: PathBuf,
     /// Ground truth: `true` for the `effusion/` folder, `false` for `nofinding/`.
     pub effusion: bool,
-    /// Patient id from `labels.csv`, if the file lists this image.
+    /// Patient id from `labels.csv`, if the file lists this image. When several datasets
+    /// are combined ([`scan_datasets`]) it is prefixed with the dataset's name
+    /// (`cxr:100`), since each dataset numbers its patients on its own.
     pub patient: Option<String>,
+    /// Name of the dataset the image came from: its root folder's name (see
+    /// [`dataset_name`]). Lets evaluation report each source on its own (full-size
+    /// scans apart from thumbnails, say).
+    pub dataset: String,
 }
 
 impl Sample {
@@ -102,6 +108,7 @@ pub fn scan_dataset(root: &Path) -> Result<Dataset, DataError> {
     if !root.is_dir() {
         return Err(DataError::NotADirectory(root.to_path_buf()));
     }
+    let name = dataset_name(root);
     let mut samples = Vec::new();
     for effusion in [true, false] {
         let class = class_dir(effusion);
@@ -118,6 +125,7 @@ pub fn scan_dataset(root: &Path) -> Result<Dataset, DataError> {
             path,
             effusion,
             patient: None,
+            dataset: name.clone(),
         }));
     }
     samples.sort_by(|a, b| a.path.cmp(&b.path));
@@ -137,6 +145,57 @@ pub fn scan_dataset(root: &Path) -> Result<Dataset, DataError> {
     );
     Ok(Dataset {
         root: root.to_path_buf(),
+        samples,
+    })
+}
+
+/// The name a dataset goes by: its root folder's name (after resolving `.`, `..` and
+/// links, so `--data .` is named after the folder), or `dataset` for a root without one.
+pub fn dataset_name(root: &Path) -> String {
+    let named = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    named(root)
+        .or_else(|| fs::canonicalize(root).ok().as_deref().and_then(named))
+        .unwrap_or_else(|| "dataset".to_owned())
+}
+
+/// Several datasets as one: every image of every root (see [`scan_dataset`]), with patient
+/// ids namespaced by dataset name (`cxr:100`, `cxr-thumbs-64:100`) so that patients of
+/// different datasets never merge, while one patient's images within a dataset stay
+/// together in any split. One root gives exactly [`scan_dataset`]'s result, ids unprefixed.
+///
+/// Images keep their own sizes: every one is resized by the same `load_scan` when loaded.
+/// The combined dataset's `root` is the first root; samples are ordered dataset by
+/// dataset, in the order given, each in path order.
+///
+/// # Errors
+/// Whatever [`scan_dataset`] returns for any root, and [`DataError::DuplicateDataset`]
+/// when two roots share a name (or are the same folder).
+pub fn scan_datasets(roots: &[PathBuf]) -> Result<Dataset, DataError> {
+    let Some(first) = roots.first() else {
+        return Err(DataError::InvalidArgument("no dataset folder given".into()));
+    };
+    if roots.len() == 1 {
+        return scan_dataset(first);
+    }
+    let mut seen: HashMap<String, &PathBuf> = HashMap::new();
+    let mut samples = Vec::new();
+    for root in roots {
+        let name = dataset_name(root);
+        if let Some(previous) = seen.insert(name.clone(), root) {
+            return Err(DataError::DuplicateDataset {
+                name,
+                first: previous.clone(),
+                second: root.clone(),
+            });
+        }
+        let ds = scan_dataset(root)?;
+        samples.extend(ds.samples.into_iter().map(|mut s| {
+            s.patient = s.patient.map(|p| format!("{name}:{p}"));
+            s
+        }));
+    }
+    Ok(Dataset {
+        root: first.clone(),
         samples,
     })
 }

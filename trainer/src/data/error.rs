@@ -66,4 +66,35 @@ pub enum DataError {
     /// A background worker died; a bug, not a data problem.
     #[error("loader worker failed: {0}")]
     Worker(String),
+    /// Two dataset folders given together share a name (or are the same folder); the
+    /// name namespaces patient ids, so it must tell the datasets apart.
+    #[error(
+        "datasets {first} and {second} are both named {name:?}: combined datasets need \
+         distinct folder names (their names prefix the patient ids)"
+    )]
+    DuplicateDataset {
+        /// The shared folder name.
+        name: String,
+        /// The first folder with it.
+        first: PathBuf,
+        /// The second.
+        second: PathBuf,
+    },
+    /// A fold split is impossible: too few patients (or images) with or without
+    /// effusion for every fold to hold both classes.
+    #[error(
+        "{k} folds need every fold to hold both classes, but the data has {positive_groups} \
+         patients with effusion and {negative_groups} without (images without a patient id \
+         count one each){detail}"
+    )]
+    TooFewForFolds {
+        /// Folds asked for.
+        k: usize,
+        /// Groups (patients) with at least one effusion image.
+        positive_groups: usize,
+        /// Groups with at least one no-finding image.
+        negative_groups: usize,
+        /// What went wrong beyond the counts, if anything (starts with "; ").
+        detail: String,
+    },
 }

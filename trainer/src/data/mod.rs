@@ -27,9 +27,11 @@
 //!
 //! # Layout
 //!
-//! - `dataset`: [`scan_dataset`], [`Dataset`], [`Sample`], `labels.csv`.
+//! - `dataset`: [`scan_dataset`], [`scan_datasets`] (several folders as one, patient ids
+//!   namespaced by dataset), [`Dataset`], [`Sample`], `labels.csv`.
 //! - `split`: [`split`] by patient or stratified, [`subsample`],
 //!   [`subsample_prevalence`].
+//! - `folds`: [`kfold`], K folds for cross-validation, by patient and stratified.
 //! - `loader`: [`Loader`], [`Epoch`], [`Batch`], [`ImageCache`]: background
 //!   decoding and augmentation.
 //! - `seeds`: the seeded random streams all of them draw from.
@@ -37,6 +39,7 @@
 
 mod dataset;
 mod error;
+mod folds;
 mod loader;
 mod seeds;
 mod split;
@@ -44,8 +47,10 @@ mod split;
 mod tests;
 
 pub use dataset::{
-    scan_dataset, Dataset, Sample, CLASS_EFFUSION, CLASS_NOFINDING, IMAGE_EXTENSIONS, LABELS_FILE,
+    dataset_name, scan_dataset, scan_datasets, Dataset, Sample, CLASS_EFFUSION, CLASS_NOFINDING,
+    IMAGE_EXTENSIONS, LABELS_FILE,
 };
 pub use error::DataError;
+pub use folds::{kfold, FoldSummary, Folds};
 pub use loader::{Batch, Epoch, ImageCache, Loader};
 pub use split::{fingerprint, split, subsample, subsample_prevalence, Split, SplitSummary};

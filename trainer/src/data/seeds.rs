@@ -10,6 +10,7 @@ pub(super) const STREAM_SPLIT: u64 = u64::MAX;
 pub(super) const STREAM_SUBSAMPLE_EFFUSION: u64 = u64::MAX - 1;
 pub(super) const STREAM_SUBSAMPLE_NOFINDING: u64 = u64::MAX - 2;
 pub(super) const STREAM_EPOCH_ORDER: u64 = u64::MAX - 3;
+pub(super) const STREAM_FOLDS: u64 = u64::MAX - 4;
 
 /// The ChaCha stream `stream` of `seed`.
 pub(super) fn seeded(seed: u64, stream: u64) -> ChaCha8Rng {

@@ -653,3 +653,174 @@ fn real_thumbnails_split_by_patient() {
     loader.preload().unwrap();
     assert_eq!(loader.cache().cached(), 667);
 }
+
+// --- combined datasets and folds ------------------------------------------------------
+
+/// Writes placeholder images (never decoded) under `root`: `patients` patients, patient
+/// `p` (raw id `p`) with `1 + p % per` images, effusion for every patient with
+/// `p % every == 0`. `labels.csv` carries the patient ids.
+fn grouped_dataset(root: &std::path::Path, patients: usize, per: usize, every: usize) {
+    for class in ["effusion", "nofinding"] {
+        fs::create_dir_all(root.join(class)).unwrap();
+    }
+    let mut csv = String::from("image,label,patient_id\n");
+    for p in 0..patients {
+        let effusion = p % every == 0;
+        for j in 0..1 + p % per {
+            let name = format!("{p:05}_{j:03}.png");
+            fs::write(root.join(class_dir(effusion)).join(&name), b"x").unwrap();
+            csv.push_str(&format!("{name},{},{p}\n", class_dir(effusion)));
+        }
+    }
+    fs::write(root.join(LABELS_FILE), csv).unwrap();
+}
+
+/// Fold of each patient; fails the test if a patient spans two folds.
+fn patient_folds(samples: &[Sample], folds: &Folds) -> HashMap<String, usize> {
+    let mut of: HashMap<String, usize> = HashMap::new();
+    for (s, &f) in samples.iter().zip(&folds.fold_of) {
+        let p = s.patient.clone().expect("every image has a patient");
+        let first = *of.entry(p.clone()).or_insert(f);
+        assert_eq!(first, f, "patient {p} is in folds {first} and {f}");
+    }
+    of
+}
+
+#[test]
+fn combined_datasets_namespace_patients_and_folds_keep_them_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("alpha"), tmp.path().join("beta"));
+    // The same raw patient ids 0..40 in both datasets.
+    grouped_dataset(&a, 40, 4, 4);
+    grouped_dataset(&b, 40, 3, 3);
+    let ds = scan_datasets(&[a.clone(), b.clone()]).unwrap();
+    let (na, nb) = (
+        scan_dataset(&a).unwrap().len(),
+        scan_dataset(&b).unwrap().len(),
+    );
+    assert_eq!(ds.len(), na + nb);
+    assert!(ds.has_patient_ids());
+    for s in &ds.samples {
+        let p = s.patient.as_deref().unwrap();
+        assert!(
+            p.starts_with(&format!("{}:", s.dataset)),
+            "{p} is namespaced by {}",
+            s.dataset
+        );
+        assert!(s.path.starts_with(tmp.path().join(&s.dataset)));
+    }
+    assert_eq!(patients(&ds.samples).len(), 80, "40 + 40 distinct patients");
+    // One folder alone is read exactly as before: names unprefixed.
+    let alone = scan_datasets(std::slice::from_ref(&a)).unwrap();
+    assert_eq!(alone, scan_dataset(&a).unwrap());
+    assert!(alone
+        .samples
+        .iter()
+        .all(|s| !s.patient.as_ref().unwrap().contains(':')));
+
+    let mut apart = false;
+    for seed in 0..8 {
+        let folds = kfold(&ds.samples, 3, seed).unwrap();
+        assert_eq!(folds.fold_of.len(), ds.len());
+        assert!(folds.fold_of.iter().all(|&f| f < 3));
+        assert_eq!(
+            folds.summary.iter().map(|f| f.images).sum::<usize>(),
+            ds.len()
+        );
+        let of = patient_folds(&ds.samples, &folds);
+        // Raw id 0 exists in both datasets; were the ids not namespaced, the two would
+        // be one patient and could never be in different folds.
+        apart |= of["alpha:0"] != of["beta:0"];
+        for f in 0..3 {
+            let (train, val) = folds.train_val(&ds.samples, f);
+            assert_eq!(train.len() + val.len(), ds.len());
+            assert!(patients(&train).is_disjoint(&patients(&val)), "fold {f}");
+            assert!(has_both_classes(&val) && has_both_classes(&train));
+        }
+    }
+    assert!(apart, "the two datasets' patient 0 were never apart");
+
+    let err = scan_datasets(&[a.clone(), a.clone()]).unwrap_err();
+    assert!(matches!(err, DataError::DuplicateDataset { .. }), "{err}");
+}
+
+#[test]
+fn folds_are_stratified_and_seeded() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 120 patients with 1..=5 images each, a quarter of them with effusion.
+    grouped_dataset(tmp.path(), 120, 5, 4);
+    let ds = scan_dataset(tmp.path()).unwrap();
+    let share = ds.n_effusion() as f64 / ds.len() as f64;
+    let k = 5;
+    for seed in [0, 1, 2] {
+        let folds = kfold(&ds.samples, k, seed).unwrap();
+        patient_folds(&ds.samples, &folds);
+        for f in &folds.summary {
+            let fold_share = f.effusion as f64 / f.images as f64;
+            assert!(
+                (fold_share - share).abs() < 0.03,
+                "seed {seed} fold {}: {fold_share:.3} vs {share:.3}",
+                f.fold
+            );
+            let even = ds.len() as f64 / k as f64;
+            assert!(
+                (f.images as f64 - even).abs() <= 0.1 * even,
+                "seed {seed} fold {}: {} images, even is {even}",
+                f.fold,
+                f.images
+            );
+        }
+        assert_eq!(kfold(&ds.samples, k, seed).unwrap(), folds, "same seed");
+    }
+    assert_ne!(
+        kfold(&ds.samples, k, 1).unwrap().fold_of,
+        kfold(&ds.samples, k, 2).unwrap().fold_of,
+        "another seed, other folds"
+    );
+}
+
+#[test]
+fn folds_refuse_what_cannot_hold_both_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 12 patients, effusion in patients 0 and 6 only: two positive groups.
+    grouped_dataset(tmp.path(), 12, 2, 6);
+    let ds = scan_dataset(tmp.path()).unwrap();
+    assert!(kfold(&ds.samples, 2, 0).is_ok());
+    let err = kfold(&ds.samples, 3, 0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::TooFewForFolds {
+                k: 3,
+                positive_groups: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(matches!(
+        kfold(&ds.samples, 1, 0),
+        Err(DataError::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn folds_without_patient_ids_split_images() {
+    let dir = fake_dataset(
+        &[
+            ("a.png", true),
+            ("b.png", true),
+            ("c.png", true),
+            ("d.png", false),
+            ("e.png", false),
+            ("f.png", false),
+        ],
+        None,
+    );
+    let ds = scan_dataset(dir.path()).unwrap();
+    let folds = kfold(&ds.samples, 3, 4).unwrap();
+    assert_eq!(folds.without_patient, 6);
+    for f in &folds.summary {
+        assert_eq!((f.images, f.effusion, f.patients), (2, 1, 2), "{f:?}");
+    }
+}

@@ -1,0 +1,446 @@
+//! Cross-validation: an honest estimate of how the training recipe does on patients it
+//! has not seen, using every image for both training and measurement.
+//!
+//! `cross_validate` splits the (possibly combined) data into K patient-grouped,
+//! stratified folds (`data::kfold`), trains K models with the settings of a normal run
+//! (fold k validates on fold k and trains on the rest), and pools the out-of-fold (OOF)
+//! predictions: each image scored once, by the one model that never saw its patient.
+//! From the pooled predictions, never from one fold:
+//!
+//! - the **threshold** for the target recall (the same rule as `train`);
+//! - **temperature scaling**, one T fitted on the OOF margins, with the ECE before and
+//!   after;
+//! - **figures with patient-level bootstrap intervals** over all images and per dataset
+//!   (the fleet serves full-size scans, so a thumbnail-heavy pool must not speak for
+//!   them).
+//!
+//! Which epoch a fold contributes is [`FoldEpoch`]: by default the last one (a fixed
+//! epoch count, unbiased), or each fold's best by validation AUROC (what `train` keeps,
+//! slightly optimistic since the fold scores the epoch it chose); both pooled AUROCs are
+//! reported, and the pooled AUROC after every epoch shows whether fewer epochs would do.
+//!
+//! The K fold models are kept (in memory and as `folds/fold-K.ot`) so that an ensemble
+//! of them can be exported with the fitted temperature and threshold.
+//!
+//! # Layout
+//!
+//! - `mod.rs`: [`CvConfig`], [`cross_validate`].
+//! - `outcome`: what it returns ([`CvOutcome`], [`CvResults`], [`OofRow`], ...).
+//! - `stats`: figures with patient-level bootstrap intervals, mean and SD.
+//! - `write`: `cv.json`, `oof.csv`, `report.md` and the plots.
+
+mod outcome;
+mod stats;
+#[cfg(test)]
+mod tests;
+mod write;
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+pub use outcome::{
+    Calibration, CvOutcome, CvResults, DatasetSummary, EpochPoint, FoldEpoch, FoldModel,
+    FoldResult, OofRow, Threshold,
+};
+pub use stats::{bootstrap, Bootstrap, Estimate, Figures, MeanSd, Scored};
+
+use crate::calibration;
+use crate::data::{self, Sample};
+use crate::metrics;
+use crate::train::{self, TrainConfig, TrainError};
+
+/// Default bootstrap resamples.
+pub const DEFAULT_RESAMPLES: usize = 2000;
+
+/// What a cross-validation is told.
+#[derive(Debug, Clone)]
+pub struct CvConfig {
+    /// The settings every fold trains with (as `train` would), and: the datasets
+    /// (`data`, `more_data`), the output directory (`out`, written directly), the seed
+    /// (folds, bootstrap; fold k trains with seed + k - 1) and the target recall. Its
+    /// validation fraction, version, checkpoint and export settings are not used.
+    pub train: TrainConfig,
+    /// Folds, at least 2.
+    pub folds: usize,
+    /// Which epoch a fold contributes.
+    pub fold_epoch: FoldEpoch,
+    /// Bootstrap resamples for the intervals; 0 for none.
+    pub resamples: usize,
+    /// Write each fold's weights to `out/folds/fold-K.ot`.
+    pub save_models: bool,
+}
+
+impl CvConfig {
+    /// `folds` folds with `train`'s settings; last epoch, 2000 resamples, models saved.
+    pub fn new(train: TrainConfig, folds: usize) -> CvConfig {
+        CvConfig {
+            train,
+            folds,
+            fold_epoch: FoldEpoch::Last,
+            resamples: DEFAULT_RESAMPLES,
+            save_models: true,
+        }
+    }
+}
+
+/// Runs the cross-validation `cfg` describes and writes its report to `cfg.train.out`.
+pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
+    let started = Instant::now();
+    let tc = &cfg.train;
+    if cfg.folds < 2 {
+        return Err(TrainError::Config("--folds must be at least 2".into()));
+    }
+    if tc.ablation.is_some() {
+        return Err(TrainError::Config(
+            "--ablation and --folds do not go together".into(),
+        ));
+    }
+    // Before any data is read or any fold trains.
+    crate::train_config::validate(tc)?;
+    let dataset = data::scan_datasets(&tc.datasets())?;
+    let samples = dataset.samples;
+    let folds = data::kfold(&samples, cfg.folds, tc.seed)?;
+
+    let mut runs = Vec::with_capacity(cfg.folds);
+    for k in 0..cfg.folds {
+        let (train_set, val_set) = folds.train_val(&samples, k);
+        if tc.progress {
+            eprintln!(
+                "fold {}/{}: training on {} images ({} effusion), validating on {} ({} effusion)",
+                k + 1,
+                cfg.folds,
+                train_set.len(),
+                train_set.iter().filter(|s| s.effusion).count(),
+                val_set.len(),
+                val_set.iter().filter(|s| s.effusion).count()
+            );
+        }
+        let fold_cfg = TrainConfig {
+            seed: tc.seed.wrapping_add(k as u64),
+            ..tc.clone()
+        };
+        runs.push(train::train_fold(&fold_cfg, train_set, val_set)?);
+    }
+
+    // Validation lists are in sample order within each fold, so the j-th
+    // prediction of fold k is the j-th sample with fold_of == k.
+    let members: Vec<Vec<usize>> = (0..cfg.folds)
+        .map(|k| {
+            (0..samples.len())
+                .filter(|&i| folds.fold_of[i] == k)
+                .collect()
+        })
+        .collect();
+    let used_epoch = |r: &train::FoldRun| match cfg.fold_epoch {
+        FoldEpoch::Last => r.records.len(),
+        FoldEpoch::Best => r.best_epoch,
+    };
+    let n = samples.len();
+    let per_fold = |pick: &dyn Fn(&train::FoldRun) -> usize| -> Vec<Vec<f32>> {
+        runs.iter()
+            .map(|r| r.epoch_scores[pick(r) - 1].clone())
+            .collect()
+    };
+    let p = pool(&members, &per_fold(&used_epoch), f32::NAN);
+    let fold_margins: Vec<Vec<Vec<f32>>> = runs
+        .iter()
+        .map(|r| {
+            let views = &r.epoch_margins[used_epoch(r) - 1];
+            let len = views.first().map_or(0, Vec::len);
+            (0..len)
+                .map(|j| views.iter().map(|v| v[j]).collect())
+                .collect()
+        })
+        .collect();
+    let margins = pool(&members, &fold_margins, Vec::new());
+    let positives: Vec<bool> = samples.iter().map(|s| s.effusion).collect();
+
+    let fit = calibration::fit_temperature(&margins, &positives);
+    let temperature = fit.map_or(1.0, |f| f.temperature);
+    let p_cal: Vec<f32> = margins
+        .iter()
+        .map(|m| calibration::calibrated_p(m, temperature))
+        .collect();
+    let chosen = metrics::threshold_for_recall(&p_cal, &positives, tc.target_recall);
+    let chosen_raw = metrics::threshold_for_recall(&p, &positives, tc.target_recall);
+    // Nothing flagged is the honest reading of "no threshold reaches the target".
+    let threshold_value = chosen.map_or(f32::INFINITY, |c| c.threshold);
+    let calibration_out = Calibration {
+        temperature,
+        fit,
+        views: margins.first().map_or(1, Vec::len),
+        ece_before: calibration::ece(&p, &positives),
+        ece_after: calibration::ece(&p_cal, &positives),
+        reliability_before: calibration::reliability(&p, &positives, calibration::ECE_BINS),
+        reliability_after: calibration::reliability(&p_cal, &positives, calibration::ECE_BINS),
+    };
+
+    let groups: Vec<String> = samples
+        .iter()
+        .map(|s| match &s.patient {
+            Some(id) => format!("p:{id}"),
+            None => format!("i:{}", s.path.display()),
+        })
+        .collect();
+    let scored = Scored {
+        p: &p,
+        p_calibrated: &p_cal,
+        positives: &positives,
+        groups: &groups,
+    };
+    let boot = Bootstrap {
+        resamples: cfg.resamples,
+        seed: tc.seed,
+    };
+    let everything: Vec<usize> = (0..n).collect();
+    let overall = stats::figures("all", &scored, &everything, threshold_value, boot);
+    let names = dataset_names(&samples);
+    let per_dataset: Vec<Figures> = names
+        .iter()
+        .map(|name| {
+            let subset: Vec<usize> = (0..n).filter(|&i| &samples[i].dataset == name).collect();
+            stats::figures(name, &scored, &subset, threshold_value, boot)
+        })
+        .collect();
+
+    let fold_results: Vec<FoldResult> = runs
+        .iter()
+        .enumerate()
+        .map(|(k, run)| {
+            let idx = &members[k];
+            let pc: Vec<f32> = idx.iter().map(|&i| p_cal[i]).collect();
+            let y: Vec<bool> = idx.iter().map(|&i| positives[i]).collect();
+            let c = metrics::Confusion::at(&pc, &y, threshold_value);
+            let epoch_auroc = |e: usize| run.records.get(e - 1).and_then(|r| r.val_auroc);
+            FoldResult {
+                fold: k + 1,
+                images: idx.len(),
+                effusion: folds.summary[k].effusion,
+                patients: folds.summary[k].patients,
+                train_images: n - idx.len(),
+                epoch_used: used_epoch(run),
+                best_epoch: run.best_epoch,
+                auroc: metrics::auroc(&pc, &y),
+                pr_auc: metrics::pr_auc(&pc, &y),
+                recall: c.recall(),
+                precision: c.precision(),
+                auroc_last_epoch: epoch_auroc(run.records.len()),
+                auroc_best_epoch: epoch_auroc(run.best_epoch),
+                seconds: run.seconds,
+                epochs: run.records.clone(),
+            }
+        })
+        .collect();
+
+    let pooled_at = |pick: &dyn Fn(&train::FoldRun) -> usize| {
+        metrics::auroc(&pool(&members, &per_fold(pick), f32::NAN), &positives)
+    };
+    let epochs = runs.iter().map(|r| r.records.len()).min().unwrap_or(0);
+    let epoch_curve: Vec<EpochPoint> = (1..=epochs)
+        .map(|e| EpochPoint {
+            epoch: e,
+            pooled_auroc: pooled_at(&|_| e),
+            mean_fold_auroc: MeanSd::of(runs.iter().map(|r| r.records[e - 1].val_auroc)).mean,
+        })
+        .collect();
+
+    let mut notes = caveats(cfg, &folds, &overall, &calibration_out, &per_dataset);
+    if chosen.is_none() {
+        notes.push(format!(
+            "No threshold reaches recall {} on the pooled OOF predictions: nothing is flagged at the reported operating point.",
+            tc.target_recall
+        ));
+    }
+    let results = CvResults {
+        created_at: pleura::time::now_rfc3339_seconds(),
+        settings: serde_json::to_value(tc).expect("config serialises"),
+        k: cfg.folds,
+        fold_epoch: cfg.fold_epoch,
+        bootstrap: boot,
+        data: summarise(&samples, &names),
+        fold_auroc: MeanSd::of(fold_results.iter().map(|f| f.auroc)),
+        fold_pr_auc: MeanSd::of(fold_results.iter().map(|f| f.pr_auc)),
+        fold_recall: MeanSd::of(fold_results.iter().map(|f| Some(f.recall))),
+        fold_precision: MeanSd::of(fold_results.iter().map(|f| Some(f.precision))),
+        folds: fold_results,
+        threshold: Threshold {
+            target_recall: tc.target_recall,
+            calibrated: chosen.map(|c| c.threshold),
+            uncalibrated: chosen_raw.map(|c| c.threshold),
+            recall: chosen.map_or(0.0, |c| c.recall),
+            precision: chosen.map_or(0.0, |c| c.precision),
+        },
+        roc: metrics::roc_curve(&p_cal, &positives),
+        pr: metrics::pr_curve(&p_cal, &positives),
+        roc_per_dataset: names
+            .iter()
+            .map(|name| {
+                let idx: Vec<usize> = (0..n).filter(|&i| &samples[i].dataset == name).collect();
+                let s: Vec<f32> = idx.iter().map(|&i| p_cal[i]).collect();
+                let y: Vec<bool> = idx.iter().map(|&i| positives[i]).collect();
+                (name.clone(), metrics::roc_curve(&s, &y))
+            })
+            .collect(),
+        overall,
+        per_dataset,
+        calibration: calibration_out,
+        oof_auroc_last_epoch: pooled_at(&|r| r.records.len()),
+        oof_auroc_best_epoch: pooled_at(&|r| r.best_epoch),
+        epoch_curve,
+        training_seconds: runs.iter().map(|r| r.seconds).sum(),
+        wall_seconds: 0.0,
+        device: runs.first().map(|r| r.device.clone()).unwrap_or_default(),
+        notes,
+    };
+
+    let oof: Vec<OofRow> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| OofRow {
+            dataset: s.dataset.clone(),
+            image: s
+                .path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path: s.path.clone(),
+            patient: s.patient.clone(),
+            effusion: s.effusion,
+            fold: folds.fold_of[i] + 1,
+            p: p[i],
+            p_calibrated: p_cal[i],
+            margins: margins[i].clone(),
+        })
+        .collect();
+
+    let dir = tc.out.clone();
+    let models: Vec<FoldModel> = runs
+        .into_iter()
+        .enumerate()
+        .map(|(k, run)| {
+            let epoch = used_epoch(&run);
+            let (vs, net) = match cfg.fold_epoch {
+                FoldEpoch::Last => run.last,
+                FoldEpoch::Best => run.best,
+            };
+            FoldModel {
+                fold: k + 1,
+                epoch,
+                vs,
+                net,
+                spec: run.spec,
+                path: cfg
+                    .save_models
+                    .then(|| dir.join("folds").join(format!("fold-{}.ot", k + 1))),
+            }
+        })
+        .collect();
+    let mut outcome = CvOutcome {
+        results,
+        oof,
+        models,
+        report: dir.join("report.md"),
+        dir,
+    };
+    outcome.results.wall_seconds = started.elapsed().as_secs_f64();
+    write::write_all(&outcome).map_err(|e| TrainError::Report(e.to_string()))?;
+    Ok(outcome)
+}
+
+/// Out-of-fold values in sample order: `members[k]` lists the samples of fold k
+/// (in order), and `per_fold[k][j]` is the value for its j-th; samples in no fold
+/// get `fill`.
+pub(crate) fn pool<T: Clone>(members: &[Vec<usize>], per_fold: &[Vec<T>], fill: T) -> Vec<T> {
+    let n = members.iter().flatten().max().map_or(0, |&i| i + 1);
+    let mut out = vec![fill; n];
+    for (idx, values) in members.iter().zip(per_fold) {
+        assert_eq!(idx.len(), values.len(), "a value per fold member");
+        for (&i, v) in idx.iter().zip(values) {
+            out[i] = v.clone();
+        }
+    }
+    out
+}
+
+/// Dataset names in order of first appearance.
+fn dataset_names(samples: &[Sample]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for s in samples {
+        if !names.contains(&s.dataset) {
+            names.push(s.dataset.clone());
+        }
+    }
+    names
+}
+
+fn summarise(samples: &[Sample], names: &[String]) -> Vec<DatasetSummary> {
+    names
+        .iter()
+        .map(|name| {
+            let of: Vec<&Sample> = samples.iter().filter(|s| &s.dataset == name).collect();
+            let patients: HashSet<String> = of
+                .iter()
+                .map(|s| match &s.patient {
+                    Some(p) => format!("p:{p}"),
+                    None => format!("i:{}", s.path.display()),
+                })
+                .collect();
+            DatasetSummary {
+                name: name.clone(),
+                images: of.len(),
+                effusion: of.iter().filter(|s| s.effusion).count(),
+                patients: patients.len(),
+                without_patient: of.iter().filter(|s| s.patient.is_none()).count(),
+            }
+        })
+        .collect()
+}
+
+/// What a reader of the figures must keep in mind.
+fn caveats(
+    cfg: &CvConfig,
+    folds: &data::Folds,
+    overall: &Figures,
+    cal: &Calibration,
+    per_dataset: &[Figures],
+) -> Vec<String> {
+    let mut notes = vec![match cfg.fold_epoch {
+        FoldEpoch::Last => "Each fold contributes its last epoch (a fixed epoch count): no fold's validation chose anything, so the OOF figures estimate a model trained the same way on patients it has not seen.".to_string(),
+        FoldEpoch::Best => "Each fold contributes its epoch with the best validation AUROC, chosen on the same images it is scored on: the OOF figures are slightly optimistic (compare the pooled AUROC with every fold's last epoch).".to_string(),
+    }];
+    notes.push(
+        "The threshold and the temperature are fitted on the same pooled OOF predictions they are measured on: one number each over all images, so the optimism is small, but it is not zero.".into(),
+    );
+    notes.push(
+        "Intervals are patient-level bootstrap percentiles at a fixed threshold; they do not include the variation of re-training or of re-choosing the threshold.".into(),
+    );
+    notes.push(
+        "An ensemble of the fold models averages several models' probabilities, which are less extreme than one model's: its recall at this threshold and its calibration should be checked on new data.".into(),
+    );
+    if folds.without_patient > 0 {
+        notes.push(format!(
+            "{} images have no patient id and were placed on their own; if they share patients, the figures are optimistic.",
+            folds.without_patient
+        ));
+    }
+    if overall.effusion < 100 {
+        notes.push(format!(
+            "The pooled figures rest on {} effusion images: wide intervals.",
+            overall.effusion
+        ));
+    }
+    for f in per_dataset.iter().filter(|f| f.effusion < 30) {
+        notes.push(format!(
+            "Dataset {} has {} effusion images: its recall moves {:.1} points per image.",
+            f.name,
+            f.effusion,
+            100.0 / f.effusion.max(1) as f64
+        ));
+    }
+    if cal.fit.is_some_and(|f| f.at_bound) {
+        notes.push(
+            "The temperature sits on its search bound: the OOF predictions are nearly constant or perfectly separated, and T means little.".into(),
+        );
+    }
+    notes
+}
