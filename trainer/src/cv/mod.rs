@@ -437,6 +437,16 @@ fn caveats(
             100.0 / f.effusion.max(1) as f64
         ));
     }
+    if let (Some(before), Some(after)) = (cal.ece_before, cal.ece_after) {
+        if after >= before {
+            notes.push(format!(
+                "Temperature scaling lowered the NLL but not the ECE ({before:.3} -> {after:.3}): the probabilities are shifted (the reliability table shows whether p runs above or below the share with effusion; class weights move p towards effusion), which one temperature cannot fix. A bias term (Platt scaling) or other class weights would."
+            ));
+        }
+    }
+    notes.push(
+        "ECE is biased upwards on small sets (few images per bin), so its per-dataset values and intervals are indicative.".into(),
+    );
     if cal.fit.is_some_and(|f| f.at_bound) {
         notes.push(
             "The temperature sits on its search bound: the OOF predictions are nearly constant or perfectly separated, and T means little.".into(),
