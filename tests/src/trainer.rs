@@ -119,7 +119,7 @@ impl TrainerProc {
         let http = t.http;
         wait_until(
             &format!("trainer {id} ready"),
-            Duration::from_secs(60),
+            Duration::from_secs(120),
             || async move { http_get(http, "/readyz").await.is_ok_and(|(s, _)| s == 200) },
         )
         .await;

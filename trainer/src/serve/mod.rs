@@ -181,19 +181,8 @@ async fn serve_loop(ctx: Arc<Ctx>, amqp_tls: &pleura::tls::ClientTls) {
     let poll = Duration::from_millis(500);
     let mut broker: Option<(Connection, Channel)> = None;
     while !ctx.shutdown.is_cancelled() {
-        // Runs whose trainer died or let go come first: they were taken
-        // from the queue already and someone is waiting on them.
-        match orphan(&ctx).await {
-            Ok(Some((record, attempt))) => {
-                job::execute(&ctx, *record, attempt).await;
-                continue;
-            }
-            Ok(None) => ctx.health.set_redis(true),
-            Err(e) => {
-                ctx.health.set_redis(false);
-                tracing::warn!(error = %e, "looking for orphaned runs failed");
-            }
-        }
+        // The broker first: readiness reports it, and a trainer busy with
+        // a resumed run must not look disconnected for the whole run.
         if broker.is_none() {
             match connect(&ctx, amqp_tls).await {
                 Ok(b) => {
@@ -207,6 +196,19 @@ async fn serve_loop(ctx: Arc<Ctx>, amqp_tls: &pleura::tls::ClientTls) {
                     backoff = (backoff * 2).min(Duration::from_secs(15));
                     continue;
                 }
+            }
+        }
+        // Runs whose trainer died or let go come first: they were taken
+        // from the queue already and someone is waiting on them.
+        match orphan(&ctx).await {
+            Ok(Some((record, attempt))) => {
+                job::execute(&ctx, *record, attempt).await;
+                continue;
+            }
+            Ok(None) => ctx.health.set_redis(true),
+            Err(e) => {
+                ctx.health.set_redis(false);
+                tracing::warn!(error = %e, "looking for orphaned runs failed");
             }
         }
         let Some((_, channel)) = &broker else {
