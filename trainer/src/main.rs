@@ -139,8 +139,8 @@ struct RecipeArgs {
     #[arg(long, default_value_t = 1.0, value_name = "S")]
     augment_strength: f64,
     /// Evaluate with flip TTA: p averaged over the image and its horizontal flip
-    /// (changes validation and out-of-fold predictions; the exported graph does not
-    /// flip).
+    /// (validation and out-of-fold predictions; without --folds the exported graph
+    /// then flips too, so that it serves what was measured).
     #[arg(long)]
     tta_flip: bool,
 }

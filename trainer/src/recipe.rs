@@ -25,8 +25,9 @@
 //!   scale, brightness, contrast and noise ranges (not the flip probability); 1.0 is the
 //!   default ranges.
 //! - **Flip TTA** (`--tta-flip`): evaluation averages p_effusion over the image and its
-//!   horizontal flip. It changes the validation (and out-of-fold) predictions only; a
-//!   served model gets the same only if the exported graph does it too.
+//!   horizontal flip. It changes the validation (and out-of-fold) predictions; a
+//!   served model gets the same only if the exported graph flips too, which `train`
+//!   then asks of the export (`export::export_ensemble` with one member).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
