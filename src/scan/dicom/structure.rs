@@ -215,6 +215,9 @@ impl Walker<'_> {
             }
             let tag = self.tag_at(self.pos);
             if tag == ITEM_DELIMITER {
+                if self.u32_at(self.pos + 4) != 0 {
+                    return Err(delimiter_length());
+                }
                 self.pos += 8;
                 if top_level {
                     continue; // the parser skips stray delimiters at the top level
@@ -280,6 +283,7 @@ impl Walker<'_> {
             let len = self.u32_at(self.pos + 4);
             self.pos += 8;
             match tag {
+                SEQUENCE_DELIMITER if len != 0 => return Err(delimiter_length()),
                 SEQUENCE_DELIMITER => return Ok(()),
                 ITEM if len == UNDEFINED_LENGTH => self.data_set(bound, depth + 1, false)?,
                 ITEM => {
@@ -306,6 +310,7 @@ impl Walker<'_> {
             let len = self.u32_at(self.pos + 4);
             self.pos += 8;
             match tag {
+                SEQUENCE_DELIMITER if len != 0 => return Err(delimiter_length()),
                 SEQUENCE_DELIMITER => return Ok(()),
                 ITEM if len != UNDEFINED_LENGTH && len as usize <= bound - self.pos => {
                     self.pos += len as usize;
@@ -315,4 +320,11 @@ impl Walker<'_> {
             }
         }
     }
+}
+
+/// A delimitation item always has length 0. The parser reads the length of
+/// one that does not and allocates it (a 343-byte file asked for 3.4 GB):
+/// refused before the parser sees it.
+fn delimiter_length() -> ScanError {
+    corrupt("DICOM delimiter with a non-zero length")
 }
