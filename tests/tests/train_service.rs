@@ -387,12 +387,15 @@ async fn two_requests_run_one_after_the_other_and_the_gate_refuses_both() {
     let mut env = TrainerEnv::new(&fleet);
     env.extra = vec![("PLEURA_GATE_MIN_AUROC".into(), "0.9999".into())];
     let _t = TrainerProc::start(&fleet, &keys, &env, "trainer-1").await;
-    let submit = || async {
-        let out = fleet
+    // Different seeds: two identical requests make the same weights, hence
+    // the same version, and a version is published once.
+    let (fleet_ref, data_ref) = (&fleet, &data);
+    let submit = |seed: &'static str| async move {
+        let out = fleet_ref
             .cli(
                 submit_args(
-                    &data,
-                    "--epochs 2 --width 8 --image-size 64 --batch-size 8 --publish",
+                    data_ref,
+                    &format!("--epochs 2 --width 8 --image-size 64 --batch-size 8 --publish --seed {seed}"),
                 ),
                 &[],
             )
@@ -400,7 +403,7 @@ async fn two_requests_run_one_after_the_other_and_the_gate_refuses_both() {
             .expect_ok();
         run_id(&out.stdout)
     };
-    let (x, y) = tokio::join!(submit(), submit());
+    let (x, y) = tokio::join!(submit("1"), submit("2"));
     let runs = run_store(&fleet).await;
     let rx = wait_run(&runs, &x, "done", RUN_TIMEOUT, |r| r.state.is_terminal()).await;
     let ry = wait_run(&runs, &y, "done", RUN_TIMEOUT, |r| r.state.is_terminal()).await;
