@@ -129,7 +129,7 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CalibrationRecord {
-    /// The method; `temperature` is the only one.
+    /// The method: `temperature`, or `platt` (temperature and bias).
     pub method: CalibrationMethod,
     /// The fitted temperature `T`; the graph computes `softmax(logits / T)`,
     /// so this equals `spec.temperature`.
@@ -145,6 +145,12 @@ pub struct CalibrationRecord {
     /// Equal-width probability bins the ECEs were measured with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ece_bins: Option<u32>,
+    /// With `platt`: the bias `b` of `p = sigmoid(margin / T + b)`, the
+    /// margin being `logit_effusion - logit_nofinding`. The graph applies it
+    /// through the effusion logit's final-layer bias (raised by `b * T`), so
+    /// the ONNX operators are the temperature's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<f32>,
 }
 
 /// A calibration method.
@@ -155,6 +161,10 @@ pub enum CalibrationMethod {
     /// ranking, so AUROC and the choice of threshold ordering are unchanged.
     #[default]
     Temperature,
+    /// Temperature and a bias on the log-odds (Platt, 1999): also undoes the
+    /// shift of the log-odds that class-weighted training builds in, which
+    /// no temperature can; the ranking is kept as well.
+    Platt,
 }
 
 /// The arithmetic of a model's graph.
@@ -347,6 +357,16 @@ impl Manifest {
             }
             if c.ece_bins == Some(0) {
                 return bad("calibration.ece_bins must be at least 1".into());
+            }
+            match (c.method, c.bias) {
+                (CalibrationMethod::Temperature, None) => {}
+                (CalibrationMethod::Platt, Some(b)) if b.is_finite() => {}
+                (CalibrationMethod::Platt, _) => {
+                    return bad("calibration.bias must be a finite number with platt".into())
+                }
+                (CalibrationMethod::Temperature, Some(_)) => {
+                    return bad("calibration.bias belongs to platt, not temperature".into())
+                }
             }
         }
         for (i, g) in self.golden.iter().enumerate() {
@@ -788,6 +808,7 @@ mod tests {
             ece_before: 0.081,
             ece_after: 0.019,
             ece_bins: Some(15),
+            bias: None,
         });
         files
     }
@@ -867,7 +888,7 @@ mod tests {
     #[test]
     fn calibration_must_describe_the_graph() {
         type Mutation = fn(&mut Manifest);
-        let cases: [(&str, Mutation); 7] = [
+        let cases: [(&str, Mutation); 10] = [
             ("T differs from the graph's", |m| {
                 m.calibration.as_mut().unwrap().temperature = 1.5
             }),
@@ -885,6 +906,17 @@ mod tests {
                 m.calibration.as_mut().unwrap().ece_bins = Some(0)
             }),
             ("members 17", |m| m.spec.members = 17),
+            ("platt without a bias", |m| {
+                m.calibration.as_mut().unwrap().method = CalibrationMethod::Platt
+            }),
+            ("temperature with a bias", |m| {
+                m.calibration.as_mut().unwrap().bias = Some(-0.5)
+            }),
+            ("platt with a NaN bias", |m| {
+                let c = m.calibration.as_mut().unwrap();
+                c.method = CalibrationMethod::Platt;
+                c.bias = Some(f32::NAN);
+            }),
         ];
         for (what, mutate) in cases {
             let mut bad = calibrated(1.7);
@@ -896,6 +928,11 @@ mod tests {
         }
         // A temperature of 1 fitted and recorded (already calibrated) is fine.
         calibrated(1.0).verify().unwrap();
+        let mut platt = calibrated(1.7);
+        let c = platt.manifest.calibration.as_mut().unwrap();
+        c.method = CalibrationMethod::Platt;
+        c.bias = Some(-1.2);
+        platt.manifest.validate().unwrap();
     }
 
     #[test]

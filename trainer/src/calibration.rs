@@ -55,14 +55,47 @@ pub fn calibrated_p(views: &[f32], t: f64) -> f32 {
     p_f64(views, t) as f32
 }
 
+/// p_effusion of an image with margins `views` after scaling by `s`: the mean of the
+/// views' `sigmoid(z / T + b)`.
+pub fn scaled_p(views: &[f32], s: Scaling) -> f32 {
+    p_biased(views, s.temperature, s.bias) as f32
+}
+
 /// [`calibrated_p`] in f64, so that the likelihood the fit minimises is not flattened by
 /// f32 rounding where T barely moves p.
 fn p_f64(views: &[f32], t: f64) -> f64 {
+    p_biased(views, t, 0.0)
+}
+
+fn p_biased(views: &[f32], t: f64, b: f64) -> f64 {
     if views.is_empty() {
         return f64::NAN;
     }
-    let sum: f64 = views.iter().map(|&z| sigmoid(f64::from(z) / t)).sum();
+    let sum: f64 = views.iter().map(|&z| sigmoid(f64::from(z) / t + b)).sum();
     sum / views.len() as f64
+}
+
+/// What a calibration does to a margin `z`: `sigmoid(z / temperature + bias)`.
+///
+/// Temperature scaling alone keeps `bias = 0`. Platt scaling fits the bias too, which
+/// undoes a shift of the log-odds: class-weighted training moves every margin by about
+/// `ln(w_effusion / w_nofinding)` (about ln 9 at a prevalence of 1 in 10), which a
+/// temperature cannot remove. In a graph the bias is applied by adding `bias * T` to the
+/// effusion logit's final-layer bias, so that `softmax(logits / T)` computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Scaling {
+    /// Divides the margin.
+    pub temperature: f64,
+    /// Added to the scaled margin.
+    pub bias: f64,
+}
+
+impl Scaling {
+    /// No change: T = 1, b = 0.
+    pub const IDENTITY: Scaling = Scaling {
+        temperature: 1.0,
+        bias: 0.0,
+    };
 }
 
 /// Mean negative log-likelihood of the labels at temperature `t`; probabilities are
@@ -148,6 +181,107 @@ pub fn fit_temperature(margins: &[Vec<f32>], positives: &[bool]) -> Option<Tempe
         nll_before: nll(margins, positives, 1.0),
         nll_after: f(u),
         at_bound: near(T_MIN) || near(T_MAX),
+    })
+}
+
+/// Bounds of the Platt bias search: a shift of the log-odds by e^10 either way is far
+/// beyond any class weighting.
+pub const BIAS_MAX: f64 = 10.0;
+
+/// A fitted Platt scaling (temperature and bias) and what it does to the NLL.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PlattFit {
+    /// The fitted scaling.
+    pub scaling: Scaling,
+    /// Mean NLL unscaled.
+    pub nll_before: f64,
+    /// Mean NLL after scaling.
+    pub nll_after: f64,
+    /// Whether T or b sits on a bound of its search.
+    pub at_bound: bool,
+}
+
+/// Mean NLL after scaling by `s` (clamped as [`nll`] is).
+pub fn nll_scaled(margins: &[Vec<f32>], positives: &[bool], s: Scaling) -> f64 {
+    assert_eq!(margins.len(), positives.len(), "margins and labels differ");
+    if margins.is_empty() {
+        return f64::NAN;
+    }
+    let sum: f64 = margins
+        .iter()
+        .zip(positives)
+        .map(|(views, &y)| {
+            let p = p_biased(views, s.temperature, s.bias).clamp(1e-12, 1.0 - 1e-12);
+            if y {
+                -p.ln()
+            } else {
+                -(1.0 - p).ln()
+            }
+        })
+        .sum();
+    sum / margins.len() as f64
+}
+
+/// Golden-section minimum of `f` on `[a, b]` (argument, value): deterministic and
+/// derivative-free, for the unimodal likelihoods of this module.
+fn golden(mut a: f64, mut b: f64, steps: usize, f: impl Fn(f64) -> f64) -> (f64, f64) {
+    let r = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut c, mut d) = (b - r * (b - a), a + r * (b - a));
+    let (mut fc, mut fd) = (f(c), f(d));
+    for _ in 0..steps {
+        if fc <= fd {
+            b = d;
+            d = c;
+            fd = fc;
+            c = b - r * (b - a);
+            fc = f(c);
+        } else {
+            a = c;
+            c = d;
+            fc = fd;
+            d = a + r * (b - a);
+            fd = f(d);
+        }
+    }
+    let u = (a + b) / 2.0;
+    (u, f(u))
+}
+
+/// Fits Platt scaling, `sigmoid(z / T + b)`, by minimising the mean NLL: for a single
+/// view this is a logistic regression of the label on the margin, whose likelihood is
+/// concave, so a golden-section search over `ln T` of the best `b` for each `T` (also by
+/// golden section) finds it. `None` in the cases [`fit_temperature`] gives `None`.
+///
+/// # Panics
+/// If `margins` and `positives` differ in length.
+pub fn fit_platt(margins: &[Vec<f32>], positives: &[bool]) -> Option<PlattFit> {
+    // Same admissibility as the temperature alone.
+    fit_temperature(margins, positives)?;
+    const STEPS: usize = 60;
+    let best_bias = |t: f64| {
+        golden(-BIAS_MAX, BIAS_MAX, STEPS, |b| {
+            nll_scaled(
+                margins,
+                positives,
+                Scaling {
+                    temperature: t,
+                    bias: b,
+                },
+            )
+        })
+    };
+    let (u, _) = golden(T_MIN.ln(), T_MAX.ln(), STEPS, |u| best_bias(u.exp()).1);
+    let temperature = u.exp();
+    let (bias, nll_after) = best_bias(temperature);
+    let near = |x: f64, bound: f64| (x - bound).abs() < 1e-3;
+    Some(PlattFit {
+        scaling: Scaling { temperature, bias },
+        nll_before: nll(margins, positives, 1.0),
+        nll_after,
+        at_bound: near(u, T_MIN.ln())
+            || near(u, T_MAX.ln())
+            || near(bias, -BIAS_MAX)
+            || near(bias, BIAS_MAX),
     })
 }
 
@@ -286,6 +420,40 @@ mod tests {
         // Perfectly separated: the NLL keeps falling as T shrinks, so T hits the bound.
         let fit = fit_temperature(&[vec![5.0], vec![-5.0]], &[true, false]).unwrap();
         assert!(fit.at_bound && fit.temperature < 0.06, "{fit:?}");
+    }
+
+    /// Margins shifted by ln 9 (what class weights of 9:1 do) and over-confident by 2:
+    /// Platt recovers both, a temperature alone cannot, and Platt's ECE is far lower.
+    #[test]
+    fn platt_recovers_a_shift_that_temperature_cannot() {
+        let (margins, labels) = synthetic(20_000, 2.0, 11);
+        let shift = 9f32.ln();
+        let shifted: Vec<Vec<f32>> = margins.iter().map(|v| vec![v[0] * 2.0 + shift]).collect();
+        // labels ~ sigmoid(z / 2) = sigmoid((z' - ln 9) / 4) = sigmoid(z' / 4 - ln 9 / 4).
+        let fit = fit_platt(&shifted, &labels).unwrap();
+        let s = fit.scaling;
+        assert!((s.temperature - 4.0).abs() < 0.25, "{s:?}");
+        assert!((s.bias + f64::from(shift) / 4.0).abs() < 0.08, "{s:?}");
+        assert!(!fit.at_bound && fit.nll_after < fit.nll_before);
+        let t_only = fit_temperature(&shifted, &labels).unwrap();
+        assert!(fit.nll_after < t_only.nll_after);
+        let ece_of = |sc: Scaling| {
+            let p: Vec<f32> = shifted.iter().map(|v| scaled_p(v, sc)).collect();
+            ece(&p, &labels).unwrap()
+        };
+        let (e_t, e_p) = (
+            ece_of(Scaling {
+                temperature: t_only.temperature,
+                bias: 0.0,
+            }),
+            ece_of(s),
+        );
+        assert!(
+            e_p < 0.02 && e_p < e_t / 2.0,
+            "temperature {e_t}, platt {e_p}"
+        );
+        assert_eq!(fit_platt(&shifted, &labels).unwrap(), fit, "deterministic");
+        assert!(fit_platt(&[vec![1.0]], &[true]).is_none());
     }
 
     #[test]

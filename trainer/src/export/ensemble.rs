@@ -115,16 +115,9 @@ fn export_ensemble_with(
     check_inputs(&spec, req.parity_inputs)?;
 
     let member_spec = spec.member();
-    let mut weights = Weights::from_members(
-        req.members
-            .iter()
-            .map(|vs| model::to_weights(vs, &member_spec))
-            .collect::<Result<_, _>>()?,
-    );
-    tamper(&mut weights);
-    // tch's side of the check: each member rebuilt in a store of its own
-    // from the caller's variables, all on the first member's device, so
-    // the callers' stores and modules stay untouched.
+    // Each member rebuilt in a store of its own from the caller's variables,
+    // all on the first member's device, so the callers' stores and modules
+    // stay untouched; these copies are what is written and checked.
     let device = req.members[0].device();
     let mut stores = Vec::with_capacity(req.members.len());
     let mut nets = Vec::with_capacity(req.members.len());
@@ -134,6 +127,34 @@ fn export_ensemble_with(
         vs.copy(member)?;
         stores.push(vs);
     }
+    // Platt's bias b is applied where the graph already has an addition:
+    // the effusion logit's final-layer bias, raised by b * T, so that
+    // softmax(logits / T) gives sigmoid(margin / T + b) for every member
+    // and view.
+    if let Some(b) = req.calibration.as_ref().and_then(|c| c.bias) {
+        let shift = f64::from(b) * f64::from(req.temperature);
+        for vs in &stores {
+            let bias = vs
+                .variables()
+                .get("fc.bias")
+                .map(Tensor::shallow_clone)
+                .ok_or_else(|| {
+                    ExportError::Invalid("a member without fc.bias cannot take Platt's bias".into())
+                })?;
+            tch::no_grad(|| -> Result<(), tch::TchError> {
+                let mut effusion = bias.f_narrow(0, crate::data::CLASS_EFFUSION, 1)?;
+                let _ = effusion.f_add_scalar_(shift)?;
+                Ok(())
+            })?;
+        }
+    }
+    let mut weights = Weights::from_members(
+        stores
+            .iter()
+            .map(|vs| model::to_weights(vs, &member_spec))
+            .collect::<Result<_, _>>()?,
+    );
+    tamper(&mut weights);
     let nets: Vec<&ResNet> = nets.iter().collect();
     let job = Job {
         spec: &spec,
@@ -264,6 +285,7 @@ mod tests {
             ece_before: 0.12,
             ece_after: 0.03,
             ece_bins: Some(10),
+            bias: None,
         }
     }
 
@@ -376,6 +398,69 @@ mod tests {
         )
         .unwrap();
         assert!(max_abs_diff(&one, &reference) > 10.0 * PARITY_TOLERANCE);
+    }
+
+    /// Platt's bias rides in the members' final-layer bias: the served graph
+    /// gives `mean sigmoid(margin / T + b)` over members and views of the
+    /// untouched members, and the caller's stores are not changed.
+    #[test]
+    fn platt_bias_is_served_by_the_graph() {
+        let members: Vec<_> = (0..2).map(|i| member(60 + i)).collect();
+        let stores: Vec<&nn::VarStore> = members.iter().map(|(vs, _)| vs).collect();
+        let before: Vec<Vec<f32>> = stores
+            .iter()
+            .map(|vs| model::to_f32_vec(&vs.variables()["fc.bias"]).unwrap())
+            .collect();
+        let inputs = parity_inputs();
+        let spec = spec();
+        let tmp = tempfile::tempdir().unwrap();
+        let (t, b) = (1.7f32, -1.3f32);
+        let req = EnsembleExportRequest {
+            calibration: Some(CalibrationRecord {
+                method: CalibrationMethod::Platt,
+                bias: Some(b),
+                ..calibration(t)
+            }),
+            ..request(&stores, &inputs, &spec, "platt-1")
+        };
+        let e = export_ensemble(&req, tmp.path()).unwrap();
+        assert!(e.parity_max_abs_diff <= PARITY_TOLERANCE);
+        for (vs, was) in stores.iter().zip(&before) {
+            assert_eq!(&model::to_f32_vec(&vs.variables()["fc.bias"]).unwrap(), was);
+        }
+        let engine = Engine::load(&e.dir).unwrap();
+        let mut scorer = engine.scorer().unwrap();
+        let s = i64::from(SIZE);
+        for x in &inputs {
+            let xs = Tensor::from_slice(x).view([1, 1, s, s]);
+            let mut sum = 0.0;
+            let mut n = 0.0;
+            for (_, net) in &members {
+                let v = crate::recipe::eval_views(net, &xs, true);
+                for m in &v.margins {
+                    let z = f64::from(m.double_value(&[0]));
+                    sum += crate::calibration::sigmoid(z / f64::from(t) + f64::from(b));
+                    n += 1.0;
+                }
+            }
+            let want = (sum / n) as f32;
+            let got = scorer.probabilities(x).unwrap()[0];
+            assert!(
+                (got - want).abs() < 1e-5,
+                "tract {got} vs sigmoid(z/T + b) {want}"
+            );
+        }
+        // Without the bias the graph would be far off: the check can fail.
+        let plain =
+            export_ensemble(&request(&stores, &inputs, &spec, "plain-1"), tmp.path()).unwrap();
+        let p_plain = Engine::load(&plain.dir)
+            .unwrap()
+            .scorer()
+            .unwrap()
+            .probabilities(&inputs[0])
+            .unwrap()[0];
+        let p_platt = scorer.probabilities(&inputs[0]).unwrap()[0];
+        assert!((p_plain - p_platt).abs() > 0.01, "{p_plain} vs {p_platt}");
     }
 
     /// One corrupted statistic of one member fails the check and writes nothing.
