@@ -111,6 +111,34 @@ struct TrainArgs {
     /// With --folds: bootstrap resamples (by patient) for the 95% intervals; 0 for none.
     #[arg(long, default_value_t = pleura_trainer::cv::DEFAULT_RESAMPLES, requires = "folds")]
     bootstrap: usize,
+    /// With --folds: how the OOF predictions are calibrated: temperature, or platt
+    /// (temperature and a bias on the log-odds, which also undoes the shift class
+    /// weights build in). Both are fitted and reported; this one is applied.
+    #[arg(long, value_enum, default_value_t = CalibrationArg::Temperature, requires = "folds")]
+    calibration: CalibrationArg,
+    /// With --folds: hold this share of one dataset's patients out of every fold
+    /// (a fixed split, whatever --seed), and score it once at the end with the
+    /// ensemble of the fold models: the estimate for scans nothing chose anything on.
+    #[arg(long, value_name = "FRACTION", requires = "folds")]
+    lockbox: Option<f64>,
+    /// With --lockbox: the dataset (a --data folder's name) it is drawn from; default
+    /// the first --data.
+    #[arg(long, value_name = "NAME", requires = "lockbox")]
+    lockbox_dataset: Option<String>,
+    /// With --folds: also export the fold models as one servable ensemble graph (flip
+    /// TTA with --tta-flip, the calibration, the pooled OOF threshold) to
+    /// OUT/model/<version>/, ready for `pleura-worker --model` or `pleura models publish`.
+    #[arg(long, requires = "folds")]
+    export: bool,
+}
+
+/// `--calibration`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum CalibrationArg {
+    /// One temperature.
+    Temperature,
+    /// Temperature and bias.
+    Platt,
 }
 
 /// Trial settings of the recipe; each is off (neutral) by default.
@@ -354,15 +382,46 @@ fn train_config(a: &TrainArgs) -> TrainConfig {
 }
 
 fn cross_validate_command(a: TrainArgs) -> ExitCode {
+    use pleura::model::manifest::CalibrationMethod;
     let cfg = CvConfig {
         fold_epoch: a.fold_epoch,
         resamples: a.bootstrap,
+        calibration: match a.calibration {
+            CalibrationArg::Temperature => CalibrationMethod::Temperature,
+            CalibrationArg::Platt => CalibrationMethod::Platt,
+        },
+        lockbox: a.lockbox.map(|fraction| pleura_trainer::cv::LockboxSpec {
+            dataset: a.lockbox_dataset.clone(),
+            fraction,
+        }),
         ..CvConfig::new(train_config(&a), a.folds.unwrap_or(0))
     };
     match pleura_trainer::cv::cross_validate(&cfg) {
         Ok(outcome) => {
             print_cv_summary(&outcome);
-            ExitCode::SUCCESS
+            if !a.export {
+                return ExitCode::SUCCESS;
+            }
+            let out = outcome.dir.join("model");
+            match pleura_trainer::cv::export_ensemble(&cfg, &outcome, &out, a.flags.version.clone())
+            {
+                Ok(e) => {
+                    println!(
+                        "exported the {}-model ensemble{} to {} (version {}, threshold {}, parity max abs diff {:.1e})",
+                        outcome.models.len(),
+                        if e.manifest.spec.tta_flip { " with flip TTA" } else { "" },
+                        e.dir.display(),
+                        e.manifest.version,
+                        e.manifest.threshold,
+                        e.parity_max_abs_diff
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pleura-trainer: the cross-validation finished but its ensemble was not exported: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(
             e @ (pleura_trainer::train::TrainError::Config(_)
@@ -428,11 +487,32 @@ fn print_cv_summary(o: &CvOutcome) {
     let c = &r.calibration;
     let fmt = |x: Option<f64>| x.map_or("n/a".into(), |x| format!("{x:.3}"));
     println!(
-        "  temperature T = {:.3}; ECE {} -> {}",
+        "  calibration {}: T = {:.3}, b = {:.3}; ECE {} -> {} (temperature alone {}, platt {})",
+        match c.method {
+            pleura::model::manifest::CalibrationMethod::Temperature => "temperature",
+            pleura::model::manifest::CalibrationMethod::Platt => "platt",
+        },
         c.temperature,
+        c.bias,
         fmt(c.ece_before),
-        fmt(c.ece_after)
+        fmt(c.ece_after),
+        fmt(c.ece_temperature),
+        fmt(c.ece_platt)
     );
+    if let Some(lb) = &r.lockbox {
+        let f = &lb.ensemble;
+        println!(
+            "  LOCKBOX ({} images of {}, {} effusion; ensemble): AUROC {}  recall {}  precision {}  ECE {}  (fold models alone: AUROC {})",
+            f.images,
+            lb.dataset,
+            f.effusion,
+            f.auroc.show(),
+            f.recall.show(),
+            f.precision.show(),
+            f.ece_after.show(),
+            lb.member_auroc_mean.show()
+        );
+    }
     println!(
         "  wall time {:.1} s ({:.1} s training) on {}",
         r.wall_seconds, r.training_seconds, r.device

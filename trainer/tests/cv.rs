@@ -219,7 +219,7 @@ fn the_cli_cross_validates_with_the_trial_settings() {
         "2-fold cross-validation on 66 images",
         "fold AUROC (mean ± SD)",
         "OOF AUROC, full (36 images)",
-        "temperature T =",
+        "calibration temperature: T =",
         "wall time",
     ] {
         assert!(stdout.contains(s), "{s} in:\n{stdout}");
@@ -270,4 +270,149 @@ fn a_normal_run_trains_on_two_datasets_and_exports_its_flip() {
     // Validated with the flip, so served with it; parity checked against tch.
     assert!(exported.manifest.spec.tta_flip);
     assert!(exported.parity_max_abs_diff <= 1e-4);
+}
+
+/// The recommended recipe's shape, end to end through the CLI: a lockbox held out of
+/// every fold, Platt calibration, and the fold models exported as one servable graph
+/// that the fleet's engine loads and that scores the lockbox exactly as reported.
+#[test]
+fn a_lockbox_is_held_out_and_the_exported_ensemble_serves_what_was_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (full, thumbs) = two_datasets(tmp.path());
+    let out = tmp.path().join("rec");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pleura-trainer"))
+        .args(["train", "--data"])
+        .arg(&full)
+        .arg("--data")
+        .arg(&thumbs)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--folds",
+            "2",
+            "--bootstrap",
+            "50",
+            "--epochs",
+            "2",
+            "--width",
+            "4",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--tta-flip",
+            "--lockbox",
+            "0.3",
+            "--lockbox-dataset",
+            "full",
+            "--calibration",
+            "platt",
+            "--export",
+            "--version",
+            "rec-1",
+        ])
+        .output()
+        .expect("runs pleura-trainer");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for s in [
+        "LOCKBOX (",
+        "calibration platt",
+        "exported the 2-model ensemble with flip TTA",
+    ] {
+        assert!(stdout.contains(s), "{s} in:\n{stdout}");
+    }
+
+    // The lockbox is of `full` only, and in no fold.
+    let cv: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("cv.json")).unwrap()).unwrap();
+    let lockbox = &cv["lockbox"];
+    let held: Vec<String> = lockbox["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap().to_string())
+        .collect();
+    assert!(!held.is_empty() && held.len() < 36, "{}", held.len());
+    let oof = std::fs::read_to_string(out.join("oof.csv")).unwrap();
+    assert_eq!(oof.lines().count() - 1, 66 - held.len());
+    for line in oof.lines().skip(1) {
+        let image = line.split(',').nth(1).unwrap();
+        assert!(
+            !(line.starts_with("full,") && held.iter().any(|h| h == image)),
+            "{image} is in the lockbox and in a fold"
+        );
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("## Lockbox (held out of everything, scored once)"));
+    assert!(
+        std::fs::read_to_string(out.join("lockbox.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            > 1
+    );
+
+    // The model directory: what it is, how it was calibrated, what it measured.
+    let dir = out.join("model").join("rec-1");
+    let files = pleura::model::ModelFiles::read_dir(&dir).expect("a valid model directory");
+    let m = &files.manifest;
+    assert_eq!((m.spec.members, m.spec.tta_flip), (2, true));
+    let c = m.calibration.as_ref().unwrap();
+    assert_eq!(c.method, pleura::model::manifest::CalibrationMethod::Platt);
+    assert_eq!(
+        f64::from(c.bias.unwrap()),
+        cv["calibration"]["bias"].as_f64().unwrap() as f32 as f64
+    );
+    assert_eq!(
+        f64::from(m.threshold),
+        cv["threshold"]["calibrated"].as_f64().unwrap() as f32 as f64
+    );
+    let metrics = m.metrics.as_ref().unwrap();
+    assert!(metrics["measured_on"]
+        .as_str()
+        .unwrap()
+        .starts_with("lockbox"));
+    assert_eq!(metrics["auroc"], lockbox["ensemble"]["auroc"]["value"]);
+    let training = m.training.as_ref().unwrap();
+    assert_eq!(training["data"]["datasets"].as_array().unwrap().len(), 2);
+    assert_eq!(training["lockbox"]["images"], held.len());
+
+    // The fleet's engine loads it, and it scores the lockbox as the report says.
+    let engine = pleura::model::Engine::load(&dir).expect("the worker's engine loads it");
+    engine.canary(1e-5).unwrap();
+    let mut scorer = engine.scorer().unwrap();
+    let samples: Vec<pleura_trainer::data::Sample> = lockbox["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| pleura_trainer::data::Sample {
+            path: full
+                .join(if p[1].as_bool().unwrap() {
+                    "effusion"
+                } else {
+                    "nofinding"
+                })
+                .join(p[0].as_str().unwrap()),
+            effusion: p[1].as_bool().unwrap(),
+            patient: None,
+            dataset: "full".into(),
+        })
+        .collect();
+    let inputs = pleura_trainer::cv::lockbox::load(&samples, 64, 2).unwrap();
+    for (x, p) in inputs
+        .iter()
+        .zip(lockbox["predictions"].as_array().unwrap())
+    {
+        let served = scorer.probabilities(x).unwrap()[0];
+        let reported = p[2].as_f64().unwrap() as f32;
+        assert!(
+            (served - reported).abs() < 1e-4,
+            "{} served {served}, reported {reported}",
+            p[0]
+        );
+    }
 }

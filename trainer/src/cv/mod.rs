@@ -25,10 +25,14 @@
 //! # Layout
 //!
 //! - `mod.rs`: [`CvConfig`], [`cross_validate`].
+//! - `lockbox`: patients held out of every fold and scored once by the ensemble.
+//! - `export`: the fold models as one servable ensemble graph.
 //! - `outcome`: what it returns ([`CvOutcome`], [`CvResults`], [`OofRow`], ...).
 //! - `stats`: figures with patient-level bootstrap intervals, mean and SD.
 //! - `write`: `cv.json`, `oof.csv`, `report.md` and the plots.
 
+pub mod export;
+pub mod lockbox;
 mod outcome;
 mod stats;
 #[cfg(test)]
@@ -38,13 +42,17 @@ mod write;
 use std::collections::HashSet;
 use std::time::Instant;
 
+pub use export::export_ensemble;
+pub use lockbox::{LockboxResults, LockboxSpec};
 pub use outcome::{
     Calibration, CvOutcome, CvResults, DatasetSummary, EpochPoint, FoldEpoch, FoldModel,
     FoldResult, OofRow, Threshold,
 };
 pub use stats::{bootstrap, Bootstrap, Estimate, Figures, MeanSd, Scored};
 
-use crate::calibration;
+use pleura::model::manifest::CalibrationMethod;
+
+use crate::calibration::{self, Scaling};
 use crate::data::{self, Sample};
 use crate::metrics;
 use crate::train::{self, TrainConfig, TrainError};
@@ -68,6 +76,11 @@ pub struct CvConfig {
     pub resamples: usize,
     /// Write each fold's weights to `out/folds/fold-K.ot`.
     pub save_models: bool,
+    /// How the OOF predictions are calibrated: a temperature, or Platt (temperature
+    /// and bias); both are fitted and reported, this one is applied.
+    pub calibration: CalibrationMethod,
+    /// Patients held out of every fold, scored once at the end by the ensemble.
+    pub lockbox: Option<LockboxSpec>,
 }
 
 impl CvConfig {
@@ -79,6 +92,8 @@ impl CvConfig {
             fold_epoch: FoldEpoch::Last,
             resamples: DEFAULT_RESAMPLES,
             save_models: true,
+            calibration: CalibrationMethod::Temperature,
+            lockbox: None,
         }
     }
 }
@@ -98,7 +113,15 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
     // Before any data is read or any fold trains.
     crate::train_config::validate(tc)?;
     let dataset = data::scan_datasets(&tc.datasets())?;
-    let samples = dataset.samples;
+    let (samples, lockbox_samples) = lockbox::hold_out(dataset.samples, cfg.lockbox.as_ref())?;
+    if tc.progress && !lockbox_samples.is_empty() {
+        eprintln!(
+            "lockbox: {} images ({} effusion) of {} held out of every fold",
+            lockbox_samples.len(),
+            lockbox_samples.iter().filter(|s| s.effusion).count(),
+            lockbox_samples[0].dataset
+        );
+    }
     let folds = data::kfold(&samples, cfg.folds, tc.seed)?;
 
     let mut runs = Vec::with_capacity(cfg.folds);
@@ -157,17 +180,34 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
 
     let fit = calibration::fit_temperature(&margins, &positives);
     let temperature = fit.map_or(1.0, |f| f.temperature);
-    let p_cal: Vec<f32> = margins
-        .iter()
-        .map(|m| calibration::calibrated_p(m, temperature))
-        .collect();
+    let platt = calibration::fit_platt(&margins, &positives);
+    let scaled = |s: Scaling| -> Vec<f32> {
+        margins
+            .iter()
+            .map(|m| calibration::scaled_p(m, s))
+            .collect()
+    };
+    let t_only = Scaling {
+        temperature,
+        bias: 0.0,
+    };
+    let applied = match cfg.calibration {
+        CalibrationMethod::Temperature => t_only,
+        CalibrationMethod::Platt => platt.map_or(Scaling::IDENTITY, |f| f.scaling),
+    };
+    let p_cal = scaled(applied);
     let chosen = metrics::threshold_for_recall(&p_cal, &positives, tc.target_recall);
     let chosen_raw = metrics::threshold_for_recall(&p, &positives, tc.target_recall);
     // Nothing flagged is the honest reading of "no threshold reaches the target".
     let threshold_value = chosen.map_or(f32::INFINITY, |c| c.threshold);
     let calibration_out = Calibration {
-        temperature,
+        method: cfg.calibration,
+        temperature: applied.temperature,
+        bias: applied.bias,
         fit,
+        platt,
+        ece_temperature: calibration::ece(&scaled(t_only), &positives),
+        ece_platt: platt.and_then(|f| calibration::ece(&scaled(f.scaling), &positives)),
         views: margins.first().map_or(1, Vec::len),
         ece_before: calibration::ece(&p, &positives),
         ece_after: calibration::ece(&p_cal, &positives),
@@ -291,6 +331,7 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
         wall_seconds: 0.0,
         device: runs.first().map(|r| r.device.clone()).unwrap_or_default(),
         notes,
+        lockbox: None,
     };
 
     let oof: Vec<OofRow> = samples
@@ -335,10 +376,32 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
             }
         })
         .collect();
+    let mut results = results;
+    let mut lockbox_inputs = Vec::new();
+    if let (Some(spec), Some(first)) = (&cfg.lockbox, lockbox_samples.first()) {
+        lockbox_inputs = lockbox::load(&lockbox_samples, tc.image_size, tc.loader_threads)?;
+        let lb = lockbox::evaluate(
+            spec,
+            &first.dataset,
+            &lockbox_samples,
+            &lockbox_inputs,
+            &models,
+            tc.recipe.tta_flip,
+            applied,
+            threshold_value,
+            boot,
+        )?;
+        results.notes.push(format!(
+            "The lockbox ({} images of {}, {} effusion) was held out of every fold with a fixed seed and scored once by the ensemble: the threshold, the calibration and the recipe's settings were chosen without it.",
+            lb.ensemble.images, lb.dataset, lb.ensemble.effusion
+        ));
+        results.lockbox = Some(lb);
+    }
     let mut outcome = CvOutcome {
         results,
         oof,
         models,
+        lockbox_inputs,
         report: dir.join("report.md"),
         dir,
     };
@@ -437,10 +500,11 @@ fn caveats(
             100.0 / f.effusion.max(1) as f64
         ));
     }
-    if let (Some(before), Some(after)) = (cal.ece_before, cal.ece_after) {
+    if let (Some(before), Some(after)) = (cal.ece_before, cal.ece_temperature) {
         if after >= before {
             notes.push(format!(
-                "Temperature scaling lowered the NLL but not the ECE ({before:.3} -> {after:.3}): the probabilities are shifted (the reliability table shows whether p runs above or below the share with effusion; class weights move p towards effusion), which one temperature cannot fix. A bias term (Platt scaling) or other class weights would."
+                "Temperature scaling alone lowered the NLL but not the ECE ({before:.3} -> {after:.3}): the probabilities are shifted (class weights move p towards effusion), which one temperature cannot fix; Platt scaling (`--calibration platt`, a bias as well) can{}.",
+                cal.ece_platt.map_or(String::new(), |e| format!(" (ECE {e:.3})"))
             ));
         }
     }

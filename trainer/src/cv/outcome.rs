@@ -9,8 +9,9 @@ use tch::nn;
 use pleura::model::manifest::{CalibrationMethod, CalibrationRecord};
 use pleura::model::onnx::ResNetSpec;
 
+use super::lockbox::LockboxResults;
 use super::stats::{Bootstrap, Estimate, Figures, MeanSd};
-use crate::calibration::{ReliabilityBin, TemperatureFit};
+use crate::calibration::{PlattFit, ReliabilityBin, Scaling, TemperatureFit};
 use crate::model::ResNet;
 use crate::report::EpochRecord;
 
@@ -110,19 +111,30 @@ pub struct Threshold {
     pub precision: f64,
 }
 
-/// Temperature scaling fitted on the OOF margins.
+/// Calibration fitted on the OOF margins: a temperature and Platt scaling are both
+/// fitted and reported; `method` says which one is applied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
-    /// Divide both logits by this before the softmax; 1 when the fit was impossible.
+    /// The method applied (to `p_calibrated`, the threshold, and an exported graph).
+    pub method: CalibrationMethod,
+    /// The applied T: divide the margin (both logits) by it; 1 when no fit was possible.
     pub temperature: f64,
-    /// The fit (NLL before and after), `None` when impossible.
+    /// The applied bias on the scaled margin (0 for `temperature`).
+    pub bias: f64,
+    /// The temperature-only fit (NLL before and after), `None` when impossible.
     pub fit: Option<TemperatureFit>,
+    /// The Platt fit, `None` when impossible.
+    pub platt: Option<PlattFit>,
+    /// Pooled OOF ECE with the temperature alone.
+    pub ece_temperature: Option<f64>,
+    /// Pooled OOF ECE with Platt scaling.
+    pub ece_platt: Option<f64>,
     /// Views per image it was fitted on: 1, or 2 under flip TTA (then p is the mean of
     /// the views' temperature-scaled probabilities).
     pub views: usize,
     /// Pooled OOF ECE at T = 1 (10 equal-width bins of p_effusion).
     pub ece_before: Option<f64>,
-    /// Pooled OOF ECE at the fitted T.
+    /// Pooled OOF ECE with the applied method.
     pub ece_after: Option<f64>,
     /// The reliability diagram's data at T = 1.
     pub reliability_before: Vec<ReliabilityBin>,
@@ -209,6 +221,9 @@ pub struct CvResults {
     pub device: String,
     /// Caveats.
     pub notes: Vec<String>,
+    /// The lockbox's figures, when patients were held out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lockbox: Option<LockboxResults>,
 }
 
 /// One fold's trained model.
@@ -247,6 +262,9 @@ pub struct CvOutcome {
     pub oof: Vec<OofRow>,
     /// The K fold models, fold 1 first.
     pub models: Vec<FoldModel>,
+    /// The lockbox scans, preprocessed (empty without a lockbox): an export can check
+    /// its graph on exactly them.
+    pub lockbox_inputs: Vec<Vec<f32>>,
     /// The output directory (`report.md`, `cv.json`, `oof.csv`, plots, `folds/`).
     pub dir: PathBuf,
     /// `dir/report.md`.
@@ -254,9 +272,17 @@ pub struct CvOutcome {
 }
 
 impl CvOutcome {
-    /// The fitted temperature (1 when none could be fitted).
+    /// The applied temperature (1 when none could be fitted).
     pub fn temperature(&self) -> f64 {
         self.results.calibration.temperature
+    }
+
+    /// The applied scaling (temperature and, with Platt, bias).
+    pub fn scaling(&self) -> Scaling {
+        Scaling {
+            temperature: self.results.calibration.temperature,
+            bias: self.results.calibration.bias,
+        }
     }
 
     /// Pooled OOF figures for one dataset, by name.
@@ -273,10 +299,14 @@ impl CvOutcome {
     /// the graph); `None` when no temperature could be fitted.
     pub fn calibration_record(&self) -> Option<CalibrationRecord> {
         let c = &self.results.calibration;
-        c.fit?;
+        match c.method {
+            CalibrationMethod::Temperature => c.fit.map(|_| ())?,
+            CalibrationMethod::Platt => c.platt.map(|_| ())?,
+        }
         let names: Vec<&str> = self.results.data.iter().map(|d| d.name.as_str()).collect();
         Some(CalibrationRecord {
-            method: CalibrationMethod::Temperature,
+            method: c.method,
+            bias: (c.method == CalibrationMethod::Platt).then_some(c.bias as f32),
             temperature: c.temperature as f32,
             fitted_on: format!(
                 "out-of-fold predictions, {} folds, {} images ({}), {} epoch of each fold{}",

@@ -15,6 +15,7 @@ use crate::report::{
     font_available, human_duration, io_err, json_inline, opt3, pr_steps, write_file, LineChart,
     ReportError, Series, Style, BLUE_, GREEN_, GREY, ORANGE, RED_,
 };
+use pleura::model::manifest::CalibrationMethod;
 
 /// Every file of the output directory, creating it if needed.
 pub(super) fn write_all(o: &CvOutcome) -> Result<(), ReportError> {
@@ -25,6 +26,17 @@ pub(super) fn write_all(o: &CvOutcome) -> Result<(), ReportError> {
         serde_json::to_string_pretty(&o.results)?.as_bytes(),
     )?;
     write_file(&dir.join("oof.csv"), oof_csv(&o.oof).as_bytes())?;
+    if let Some(lb) = &o.results.lockbox {
+        let mut csv = String::from("image,label,p_calibrated\n");
+        for (image, effusion, p) in &lb.predictions {
+            csv.push_str(&format!(
+                "{},{},{p}\n",
+                field(image),
+                if *effusion { "effusion" } else { "nofinding" }
+            ));
+        }
+        write_file(&dir.join("lockbox.csv"), csv.as_bytes())?;
+    }
     for m in &o.models {
         if let Some(path) = &m.path {
             if let Some(parent) = path.parent() {
@@ -184,7 +196,7 @@ fn plot_reliability(path: &Path, r: &CvResults, text: bool) -> Result<(), Report
             Style::Line,
         ),
         Series::new(
-            format!("T = {:.3} (ECE {})", c.temperature, opt3(c.ece_after)),
+            format!("{} (ECE {})", scaling_label(c), opt3(c.ece_after)),
             reliability_points(&c.reliability_after),
             BLUE_,
             Style::Line,
@@ -201,6 +213,14 @@ fn plot_reliability(path: &Path, r: &CvResults, text: bool) -> Result<(), Report
         series,
     }
     .draw(path, text)
+}
+
+/// `T = 1.234` or `T = 1.234, b = -0.567`.
+fn scaling_label(c: &super::outcome::Calibration) -> String {
+    match c.method {
+        CalibrationMethod::Temperature => format!("T = {:.3}", c.temperature),
+        CalibrationMethod::Platt => format!("T = {:.3}, b = {:.3}", c.temperature, c.bias),
+    }
 }
 
 fn plot_epochs(path: &Path, r: &CvResults, text: bool) -> Result<(), ReportError> {
@@ -305,6 +325,34 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
         r.fold_precision.show()
     )?;
 
+    if let Some(lb) = &r.lockbox {
+        let f = &lb.ensemble;
+        writeln!(out, "## Lockbox (held out of everything, scored once)\n")?;
+        writeln!(
+            out,
+            "{} images of `{}` ({} effusion, {} patients), a fixed {:.0}% of its patients (seed {:#x}, not `--seed`), were set aside before any fold was made. The ensemble of the {} fold models, calibrated and thresholded as above, scores them: AUROC **{}**, PR-AUC {}; at the threshold recall **{}**, precision **{}**, specificity {}; ECE {} (unscaled {}). Fold models alone: AUROC {} (mean ± SD), so the ensemble's gain is {}.\n",
+            f.images,
+            lb.dataset,
+            f.effusion,
+            f.patients,
+            lb.fraction * 100.0,
+            lb.seed,
+            r.k,
+            f.auroc.show(),
+            f.pr_auc.show(),
+            f.recall.show(),
+            f.precision.show(),
+            f.specificity.show(),
+            f.ece_after.show(),
+            f.ece_before.show(),
+            lb.member_auroc_mean.show(),
+            match (f.auroc.value, lb.member_auroc_mean.mean) {
+                (Some(e), Some(m)) => format!("{:+.3}", e - m),
+                _ => "n/a".into(),
+            }
+        )?;
+    }
+
     writeln!(out, "## Settings\n")?;
     writeln!(
         out,
@@ -403,7 +451,7 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
     match (t.calibrated, t.uncalibrated) {
         (Some(c), u) => writeln!(
             out,
-            "**{c}** on p_calibrated (temperature applied; {} on the uncalibrated p): the highest threshold (halfway to the next lower score) reaching recall {:.2} on the pooled OOF predictions of all {} images, not on one fold. Pooled recall {:.3}, precision {:.3}.\n",
+            "**{c}** on p_calibrated (calibration applied; {} on the uncalibrated p): the highest threshold (halfway to the next lower score) reaching recall {:.2} on the pooled OOF predictions of all {} images, not on one fold. Pooled recall {:.3}, precision {:.3}.\n",
             u.map_or("none".into(), |u| u.to_string()),
             t.target_recall,
             r.overall.images,
@@ -421,18 +469,33 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
     let c = &r.calibration;
     writeln!(
         out,
+        "Applied: **{}** ({}). Temperature alone: ECE {}; Platt (temperature and a bias on the log-odds, which also undoes the shift class weights build in): {}, ECE {}.\n",
+        match c.method {
+            CalibrationMethod::Temperature => "temperature",
+            CalibrationMethod::Platt => "Platt",
+        },
+        scaling_label(c),
+        opt3(c.ece_temperature),
+        c.platt.map_or("n/a".into(), |f| format!(
+            "T = {:.4}, b = {:.4}, NLL {:.4} → {:.4}",
+            f.scaling.temperature, f.scaling.bias, f.nll_before, f.nll_after
+        )),
+        opt3(c.ece_platt)
+    )?;
+    writeln!(
+        out,
         "Temperature **T = {:.4}** fitted on the pooled OOF margins (minimum NLL, golden-section search on log T in [0.05, 20]; {} view{} per image). NLL {} → {}. ECE (10 equal-width bins of p_effusion, image-weighted |mean p − share with effusion|): **{} → {}**.\n",
-        c.temperature,
+        c.fit.map_or(1.0, |f| f.temperature),
         c.views,
         if c.views == 1 { "" } else { "s" },
         c.fit.map_or("n/a".into(), |f| format!("{:.4}", f.nll_before)),
         c.fit.map_or("n/a".into(), |f| format!("{:.4}", f.nll_after)),
         opt3(c.ece_before),
-        opt3(c.ece_after)
+        opt3(c.ece_temperature)
     )?;
     writeln!(
         out,
-        "| Bin | Images | Mean p (T=1) | Effusion share | Mean p (T) | Effusion share |"
+        "| Bin | Images | Mean p (unscaled) | Effusion share | Mean p (calibrated) | Effusion share |"
     )?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
     for (b, a) in c.reliability_before.iter().zip(&c.reliability_after) {
@@ -442,7 +505,10 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
             b.lo, b.hi, b.count, a.count, b.mean_p, b.positive_rate, a.mean_p, a.positive_rate
         )?;
     }
-    writeln!(out, "\n(Images per bin: at T = 1 / at the fitted T.)\n")?;
+    writeln!(
+        out,
+        "\n(Images per bin: unscaled / with the applied calibration.)\n"
+    )?;
 
     writeln!(out, "## Epochs\n")?;
     writeln!(out, "| Epoch | Pooled OOF AUROC | Mean fold AUROC |")?;
@@ -471,6 +537,12 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
         "- `oof.csv`: every image's out-of-fold prediction (dataset, image, patient, label, fold, p, p_calibrated, margins)."
     )?;
     writeln!(out, "- `cv.json`: everything above, for machines.")?;
+    if r.lockbox.is_some() {
+        writeln!(
+            out,
+            "- `lockbox.csv`: every lockbox image's calibrated ensemble p_effusion."
+        )?;
+    }
     if o.models.iter().any(|m| m.path.is_some()) {
         writeln!(
             out,
