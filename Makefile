@@ -7,7 +7,7 @@ VENV := $(PLEURA_CACHE)/venv
 PYTHON := $(VENV)/bin/python
 CARGO ?= cargo
 
-.PHONY: all build test check demo services venv libtorch onnxruntime cuda-libs tools chart-check images-check fmt clippy bench bench-quick fuzz fuzz-smoke fuzz-seeds fuzz-build
+.PHONY: all build test check demo services venv libtorch onnxruntime cuda-libs tools chart-check images-check fmt clippy bench bench-quick fuzz fuzz-smoke fuzz-seeds fuzz-build train-real trials
 
 all: build
 
@@ -141,6 +141,15 @@ fuzz-smoke: fuzz-build fuzz-seeds
 # The long run: FUZZ_SECONDS per target, growing the corpus kept in the cache.
 fuzz: fuzz-build fuzz-seeds
 	$(FUZZ_RUN) corpus $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+# The recommended model from the real data (README, "Training the recommended
+# model"): about 10 minutes on 2 CPU cores; models/recommended/ (or OUT=...).
+train-real:
+	scripts/train-real.sh
+
+# The trials that chose its recipe (about 5 minutes each): target/trials/.
+trials:
+	scripts/trials.sh
 
 demo:
 	@scripts/demo.sh
