@@ -18,9 +18,10 @@
 #   class weights 1.6:1 (effusion:nofinding; weighted cross-entropy, softer
 #   than inverse frequency), mixup 0.2, the CXR-safe augmentation, and flip
 #   TTA at evaluation and in the served graph;
-# - 5-fold patient-grouped cross-validation of the rest: 5 models, the pooled
-#   out-of-fold predictions choose the threshold (recall 0.90) and fit Platt
-#   calibration;
+# - 5-fold patient-grouped cross-validation of the rest: 5 models; the
+#   out-of-fold predictions of the full-size scans (what the fleet serves;
+#   their effusion share is not the thumbnails') choose the threshold (recall
+#   0.90) and fit Platt calibration;
 # - the 5 fold models exported as one ONNX graph (probabilities averaged),
 #   with the calibration and the threshold, checked against tch in tract.
 #
@@ -56,7 +57,7 @@ fi
 start=$(date +%s)
 target/debug/pleura-trainer train \
   --data "$FULL" --data "$THUMBS" --out "$OUT" \
-  --folds 5 --lockbox 0.3 --lockbox-dataset cxr --calibration platt --export \
+  --folds 5 --lockbox 0.3 --lockbox-dataset cxr --calibration platt --calibrate-on cxr --export \
   --seed 0 --device "$DEVICE" \
   --width 16 --image-size 128 --epochs 15 \
   --class-weights 1.6,1 --mixup 0.2 --tta-flip

@@ -25,6 +25,9 @@ if [ ! -d "$FULL" ] || [ ! -d "$THUMBS" ]; then
   exit 1
 fi
 
+# What make train-real trains, for its own rows (and seed checks).
+RECIPE="--class-weights 1.6,1 --mixup 0.2 --tta-flip"
+
 # name | flags changed from the base (base: width 16 at 128 px, 15 epochs,
 # class weights auto, augmentation 1, both datasets)
 TRIALS=(
@@ -47,6 +50,11 @@ TRIALS=(
   "px192|--image-size 192"
   "lr3e-3|--lr 3e-3 --warmup-epochs 1"
   "wd1e-3|--weight-decay 1e-3"
+  "base-s1|--seed 1"
+  "base-s2|--seed 2"
+  "recipe|$RECIPE"
+  "recipe-s1|$RECIPE --seed 1"
+  "recipe-s2|$RECIPE --seed 2"
 )
 
 table_only=false
@@ -55,11 +63,12 @@ for a in "$@"; do
   if [ "$a" = "--table" ]; then table_only=true; else selected+=("$a"); fi
 done
 
-if ! $table_only; then
+# PLEURA_TRAINER: a pleura-trainer binary to use instead of building one.
+T=${PLEURA_TRAINER:-target/debug/pleura-trainer}
+if ! $table_only && [ -z "${PLEURA_TRAINER:-}" ]; then
   make -s libtorch
   cargo build -q -p pleura-trainer --bin pleura-trainer
 fi
-T=target/debug/pleura-trainer
 mkdir -p "$OUT"
 
 for row in "${TRIALS[@]}"; do
@@ -71,14 +80,14 @@ for row in "${TRIALS[@]}"; do
   if [ "$flags" = ONLY_FULL ]; then data=(--data "$FULL"); flags=""; fi
   # The base's settings, unless the trial changes them.
   base=()
-  for kv in "--width 16" "--image-size 128" "--epochs 15"; do
+  for kv in "--width 16" "--image-size 128" "--epochs 15" "--seed 0"; do
     [[ " $flags " == *" ${kv%% *} "* ]] || base+=($kv)
   done
   rm -rf "${OUT:?}/$name"
   echo "trial $name: $flags" >&2
   # shellcheck disable=SC2086 # flags are words on purpose
   "$T" train "${data[@]}" --out "$OUT/$name" --folds "$FOLDS" --lockbox 0.3 \
-    "${base[@]}" --seed 0 --calibration platt --bootstrap 1000 $flags 2>&1 |
+    "${base[@]}" --calibration platt --bootstrap 1000 $flags 2>&1 |
     grep -v '^  LOCKBOX' >"$OUT/$name.log" || { echo "trial $name failed: $OUT/$name.log" >&2; continue; }
   # The lockbox figures are not read here: choosing among trials must not see them.
   jq -r '"  OOF AUROC all \(.overall.auroc.value*1000|round/1000), \(.per_dataset[0].name) \(.per_dataset[0].auroc.value*1000|round/1000)"' "$OUT/$name/cv.json" >&2

@@ -152,34 +152,16 @@ pub fn fit_temperature(margins: &[Vec<f32>], positives: &[bool]) -> Option<Tempe
     if margins.is_empty() || pos == 0 || pos == positives.len() || !finite {
         return None;
     }
-    let f = |u: f64| nll(margins, positives, u.exp());
-    let (mut a, mut b) = (T_MIN.ln(), T_MAX.ln());
-    let r = (5f64.sqrt() - 1.0) / 2.0;
-    let (mut c, mut d) = (b - r * (b - a), a + r * (b - a));
-    let (mut fc, mut fd) = (f(c), f(d));
-    for _ in 0..GOLDEN_STEPS {
-        if fc <= fd {
-            b = d;
-            d = c;
-            fd = fc;
-            c = b - r * (b - a);
-            fc = f(c);
-        } else {
-            a = c;
-            c = d;
-            fc = fd;
-            d = a + r * (b - a);
-            fd = f(d);
-        }
-    }
-    let u = (a + b) / 2.0;
+    let (u, nll_after) = golden(T_MIN.ln(), T_MAX.ln(), GOLDEN_STEPS, |u| {
+        nll(margins, positives, u.exp())
+    });
     let temperature = u.exp();
     // Within 0.1% of a bound: the likelihood kept improving towards it.
     let near = |bound: f64| (u - bound.ln()).abs() < 1e-3;
     Some(TemperatureFit {
         temperature,
         nll_before: nll(margins, positives, 1.0),
-        nll_after: f(u),
+        nll_after,
         at_bound: near(T_MIN) || near(T_MAX),
     })
 }

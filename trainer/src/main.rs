@@ -125,6 +125,11 @@ struct TrainArgs {
     /// the first --data.
     #[arg(long, value_name = "NAME", requires = "lockbox")]
     lockbox_dataset: Option<String>,
+    /// With --folds: fit the calibration and choose the threshold on this dataset's
+    /// out-of-fold predictions only (a --data folder's name: the scans the fleet
+    /// serves), instead of all of them.
+    #[arg(long, value_name = "NAME", requires = "folds")]
+    calibrate_on: Option<String>,
     /// With --folds: also export the fold models as one servable ensemble graph (flip
     /// TTA with --tta-flip, the calibration, the pooled OOF threshold) to
     /// OUT/model/<version>/, ready for `pleura-worker --model` or `pleura models publish`.
@@ -394,6 +399,7 @@ fn cross_validate_command(a: TrainArgs) -> ExitCode {
             dataset: a.lockbox_dataset.clone(),
             fraction,
         }),
+        calibrate_on: a.calibrate_on.clone(),
         ..CvConfig::new(train_config(&a), a.folds.unwrap_or(0))
     };
     match pleura_trainer::cv::cross_validate(&cfg) {
@@ -461,8 +467,9 @@ fn print_cv_summary(o: &CvOutcome) {
     }
     match r.threshold.calibrated {
         Some(t) => println!(
-            "  threshold {t} (target recall {:.2}, on the pooled OOF p_calibrated; {} uncalibrated)",
+            "  threshold {t} (target recall {:.2}, on the pooled OOF p_calibrated of {}; {} uncalibrated)",
             r.threshold.target_recall,
+            r.threshold.chosen_on,
             r.threshold
                 .uncalibrated
                 .map_or("none".into(), |u| u.to_string())
@@ -487,11 +494,12 @@ fn print_cv_summary(o: &CvOutcome) {
     let c = &r.calibration;
     let fmt = |x: Option<f64>| x.map_or("n/a".into(), |x| format!("{x:.3}"));
     println!(
-        "  calibration {}: T = {:.3}, b = {:.3}; ECE {} -> {} (temperature alone {}, platt {})",
+        "  calibration {} on {}: T = {:.3}, b = {:.3}; ECE {} -> {} (temperature alone {}, platt {})",
         match c.method {
             pleura::model::manifest::CalibrationMethod::Temperature => "temperature",
             pleura::model::manifest::CalibrationMethod::Platt => "platt",
         },
+        c.fitted_on,
         c.temperature,
         c.bias,
         fmt(c.ece_before),

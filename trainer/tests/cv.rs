@@ -46,6 +46,25 @@ fn tiny(data: &Path, more: &Path, out: &Path) -> TrainConfig {
     }
 }
 
+/// `pleura-trainer train --data full --data thumbs --out out ARGS...`, run to the end.
+fn cross_validate_cli(
+    full: &Path,
+    thumbs: &Path,
+    out: &Path,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pleura-trainer"))
+        .args(["train", "--data"])
+        .arg(full)
+        .arg("--data")
+        .arg(thumbs)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("runs pleura-trainer")
+}
+
 #[test]
 fn three_folds_give_every_image_one_oof_prediction_and_a_report() {
     let tmp = tempfile::tempdir().unwrap();
@@ -172,14 +191,11 @@ fn the_cli_cross_validates_with_the_trial_settings() {
     let tmp = tempfile::tempdir().unwrap();
     let (full, thumbs) = two_datasets(tmp.path());
     let out = tmp.path().join("cv");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pleura-trainer"))
-        .args(["train", "--data"])
-        .arg(&full)
-        .arg("--data")
-        .arg(&thumbs)
-        .arg("--out")
-        .arg(&out)
-        .args([
+    let output = cross_validate_cli(
+        &full,
+        &thumbs,
+        &out,
+        &[
             "--folds",
             "2",
             "--bootstrap",
@@ -209,9 +225,8 @@ fn the_cli_cross_validates_with_the_trial_settings() {
             "--tta-flip",
             "--fold-epoch",
             "best",
-        ])
-        .output()
-        .expect("runs pleura-trainer");
+        ],
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
@@ -219,7 +234,7 @@ fn the_cli_cross_validates_with_the_trial_settings() {
         "2-fold cross-validation on 66 images",
         "fold AUROC (mean ± SD)",
         "OOF AUROC, full (36 images)",
-        "calibration temperature: T =",
+        "calibration temperature on all: T =",
         "wall time",
     ] {
         assert!(stdout.contains(s), "{s} in:\n{stdout}");
@@ -245,6 +260,14 @@ fn the_cli_cross_validates_with_the_trial_settings() {
         .unwrap();
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("both named"));
+    let unknown = cross_validate_cli(
+        &full,
+        &thumbs,
+        &tmp.path().join("unknown"),
+        &["--folds", "2", "--calibrate-on", "nope"],
+    );
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("--calibrate-on nope"));
 }
 
 #[test]
@@ -280,14 +303,11 @@ fn a_lockbox_is_held_out_and_the_exported_ensemble_serves_what_was_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let (full, thumbs) = two_datasets(tmp.path());
     let out = tmp.path().join("rec");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pleura-trainer"))
-        .args(["train", "--data"])
-        .arg(&full)
-        .arg("--data")
-        .arg(&thumbs)
-        .arg("--out")
-        .arg(&out)
-        .args([
+    let output = cross_validate_cli(
+        &full,
+        &thumbs,
+        &out,
+        &[
             "--folds",
             "2",
             "--bootstrap",
@@ -309,18 +329,19 @@ fn a_lockbox_is_held_out_and_the_exported_ensemble_serves_what_was_reported() {
             "full",
             "--calibration",
             "platt",
+            "--calibrate-on",
+            "full",
             "--export",
             "--version",
             "rec-1",
-        ])
-        .output()
-        .expect("runs pleura-trainer");
+        ],
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     for s in [
         "LOCKBOX (",
-        "calibration platt",
+        "calibration platt on full",
         "exported the 2-model ensemble with flip TTA",
     ] {
         assert!(stdout.contains(s), "{s} in:\n{stdout}");
@@ -363,6 +384,16 @@ fn a_lockbox_is_held_out_and_the_exported_ensemble_serves_what_was_reported() {
     assert_eq!((m.spec.members, m.spec.tta_flip), (2, true));
     let c = m.calibration.as_ref().unwrap();
     assert_eq!(c.method, pleura::model::manifest::CalibrationMethod::Platt);
+    // Fitted, and the threshold chosen, on the full-size images' OOF predictions only.
+    let full_oof = oof.lines().filter(|l| l.starts_with("full,")).count();
+    assert_eq!(cv["calibration"]["fitted_on"], "full");
+    assert_eq!(cv["calibration"]["images"], full_oof);
+    assert_eq!(cv["threshold"]["chosen_on"], "full");
+    assert!(
+        c.fitted_on.contains(&format!("{full_oof} images (full)")),
+        "{}",
+        c.fitted_on
+    );
     assert_eq!(
         f64::from(c.bias.unwrap()),
         cv["calibration"]["bias"].as_f64().unwrap() as f32 as f64

@@ -148,8 +148,8 @@ pub fn export_ensemble(
         "fold_epoch": r.fold_epoch,
         "fold_epochs_used": r.folds.iter().map(|f| f.epoch_used).collect::<Vec<_>>(),
         "threshold_rule": format!(
-            "the highest threshold reaching recall {} on the pooled out-of-fold p_calibrated of all {} images",
-            r.threshold.target_recall, r.overall.images
+            "the highest threshold reaching recall {} on the pooled out-of-fold p_calibrated of {} ({} images)",
+            r.threshold.target_recall, r.threshold.chosen_on, r.threshold.images
         ),
         "data": {
             "fingerprint": fingerprint,

@@ -19,8 +19,8 @@ use tch::{Device, Tensor};
 
 use pleura::scan::Limits;
 
-use super::outcome::FoldModel;
-use super::stats::{self, Bootstrap, Figures, MeanSd, Scored};
+use super::outcome::{FoldModel, LockboxResults};
+use super::stats::{self, Bootstrap, MeanSd, Scored};
 use crate::calibration::{self, Scaling};
 use crate::data::{self, Dataset, Loader, Sample};
 use crate::metrics;
@@ -38,27 +38,6 @@ pub struct LockboxSpec {
     pub dataset: Option<String>,
     /// Share of that dataset's images, by whole patients, stratified; in (0, 1).
     pub fraction: f64,
-}
-
-/// The lockbox's figures.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LockboxResults {
-    /// The dataset it was drawn from.
-    pub dataset: String,
-    /// The share asked for.
-    pub fraction: f64,
-    /// Seed of the split ([`LOCKBOX_SEED`]).
-    pub seed: u64,
-    /// The ensemble (all fold models, views, scaling) at the pooled OOF threshold, with
-    /// patient-level bootstrap intervals; `ece_before` is unscaled.
-    pub ensemble: Figures,
-    /// AUROC of each fold model alone (scaled, its views averaged): the ensemble's gain
-    /// is the difference from their mean.
-    pub member_auroc: Vec<Option<f64>>,
-    /// Mean and SD of `member_auroc`.
-    pub member_auroc_mean: MeanSd,
-    /// Every lockbox image: `(file name, effusion, ensemble p_effusion)`.
-    pub predictions: Vec<(String, bool, f32)>,
 }
 
 /// Splits `samples` into those cross-validation may use and the lockbox (both in
@@ -181,13 +160,7 @@ pub fn evaluate(
         .map(|v| calibration::scaled_p(v, scaling))
         .collect();
     let positives: Vec<bool> = lockbox.iter().map(|s| s.effusion).collect();
-    let groups: Vec<String> = lockbox
-        .iter()
-        .map(|s| match &s.patient {
-            Some(id) => format!("p:{id}"),
-            None => format!("i:{}", s.path.display()),
-        })
-        .collect();
+    let groups: Vec<String> = lockbox.iter().map(stats::group_of).collect();
     let scored = Scored {
         p: &p,
         p_calibrated: &p_cal,

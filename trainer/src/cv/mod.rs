@@ -43,11 +43,12 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 pub use export::export_ensemble;
-pub use lockbox::{LockboxResults, LockboxSpec};
+pub use lockbox::LockboxSpec;
 pub use outcome::{
     Calibration, CvOutcome, CvResults, DatasetSummary, EpochPoint, FoldEpoch, FoldModel,
-    FoldResult, OofRow, Threshold,
+    FoldResult, LockboxResults, OofRow, Threshold,
 };
+use stats::group_of;
 pub use stats::{bootstrap, Bootstrap, Estimate, Figures, MeanSd, Scored};
 
 use pleura::model::manifest::CalibrationMethod;
@@ -81,6 +82,9 @@ pub struct CvConfig {
     pub calibration: CalibrationMethod,
     /// Patients held out of every fold, scored once at the end by the ensemble.
     pub lockbox: Option<LockboxSpec>,
+    /// Fit the calibration and choose the threshold on this dataset's OOF predictions
+    /// only (the full-size scans the fleet serves, say) instead of all of them.
+    pub calibrate_on: Option<String>,
 }
 
 impl CvConfig {
@@ -94,6 +98,7 @@ impl CvConfig {
             save_models: true,
             calibration: CalibrationMethod::Temperature,
             lockbox: None,
+            calibrate_on: None,
         }
     }
 }
@@ -121,6 +126,14 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
             lockbox_samples.iter().filter(|s| s.effusion).count(),
             lockbox_samples[0].dataset
         );
+    }
+    if let Some(name) = &cfg.calibrate_on {
+        let of: Vec<&Sample> = samples.iter().filter(|s| &s.dataset == name).collect();
+        if !of.iter().any(|s| s.effusion) || of.iter().all(|s| s.effusion) {
+            return Err(TrainError::Config(format!(
+                "--calibrate-on {name}: no dataset of that name with both classes (outside the lockbox)"
+            )));
+        }
     }
     let folds = data::kfold(&samples, cfg.folds, tc.seed)?;
 
@@ -178,9 +191,17 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
     let margins = pool(&members, &fold_margins, Vec::new());
     let positives: Vec<bool> = samples.iter().map(|s| s.effusion).collect();
 
-    let fit = calibration::fit_temperature(&margins, &positives);
+    // The images the calibration is fitted and the threshold chosen on.
+    let fit_idx: Vec<usize> = match &cfg.calibrate_on {
+        None => (0..n).collect(),
+        Some(name) => (0..n).filter(|&i| &samples[i].dataset == name).collect(),
+    };
+    let on_fit = |v: &[f32]| -> Vec<f32> { fit_idx.iter().map(|&i| v[i]).collect() };
+    let fit_margins: Vec<Vec<f32>> = fit_idx.iter().map(|&i| margins[i].clone()).collect();
+    let fit_positives: Vec<bool> = fit_idx.iter().map(|&i| positives[i]).collect();
+    let fit = calibration::fit_temperature(&fit_margins, &fit_positives);
     let temperature = fit.map_or(1.0, |f| f.temperature);
-    let platt = calibration::fit_platt(&margins, &positives);
+    let platt = calibration::fit_platt(&fit_margins, &fit_positives);
     let scaled = |s: Scaling| -> Vec<f32> {
         margins
             .iter()
@@ -196,8 +217,8 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
         CalibrationMethod::Platt => platt.map_or(Scaling::IDENTITY, |f| f.scaling),
     };
     let p_cal = scaled(applied);
-    let chosen = metrics::threshold_for_recall(&p_cal, &positives, tc.target_recall);
-    let chosen_raw = metrics::threshold_for_recall(&p, &positives, tc.target_recall);
+    let chosen = metrics::threshold_for_recall(&on_fit(&p_cal), &fit_positives, tc.target_recall);
+    let chosen_raw = metrics::threshold_for_recall(&on_fit(&p), &fit_positives, tc.target_recall);
     // Nothing flagged is the honest reading of "no threshold reaches the target".
     let threshold_value = chosen.map_or(f32::INFINITY, |c| c.threshold);
     let calibration_out = Calibration {
@@ -206,22 +227,27 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
         bias: applied.bias,
         fit,
         platt,
-        ece_temperature: calibration::ece(&scaled(t_only), &positives),
-        ece_platt: platt.and_then(|f| calibration::ece(&scaled(f.scaling), &positives)),
+        fitted_on: cfg.calibrate_on.clone().unwrap_or_else(|| "all".into()),
+        images: fit_idx.len(),
+        ece_temperature: calibration::ece(&on_fit(&scaled(t_only)), &fit_positives),
+        ece_platt: platt
+            .and_then(|f| calibration::ece(&on_fit(&scaled(f.scaling)), &fit_positives)),
         views: margins.first().map_or(1, Vec::len),
-        ece_before: calibration::ece(&p, &positives),
-        ece_after: calibration::ece(&p_cal, &positives),
-        reliability_before: calibration::reliability(&p, &positives, calibration::ECE_BINS),
-        reliability_after: calibration::reliability(&p_cal, &positives, calibration::ECE_BINS),
+        ece_before: calibration::ece(&on_fit(&p), &fit_positives),
+        ece_after: calibration::ece(&on_fit(&p_cal), &fit_positives),
+        reliability_before: calibration::reliability(
+            &on_fit(&p),
+            &fit_positives,
+            calibration::ECE_BINS,
+        ),
+        reliability_after: calibration::reliability(
+            &on_fit(&p_cal),
+            &fit_positives,
+            calibration::ECE_BINS,
+        ),
     };
 
-    let groups: Vec<String> = samples
-        .iter()
-        .map(|s| match &s.patient {
-            Some(id) => format!("p:{id}"),
-            None => format!("i:{}", s.path.display()),
-        })
-        .collect();
+    let groups: Vec<String> = samples.iter().map(group_of).collect();
     let scored = Scored {
         p: &p,
         p_calibrated: &p_cal,
@@ -287,8 +313,8 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
     let mut notes = caveats(cfg, &folds, &overall, &calibration_out, &per_dataset);
     if chosen.is_none() {
         notes.push(format!(
-            "No threshold reaches recall {} on the pooled OOF predictions: nothing is flagged at the reported operating point.",
-            tc.target_recall
+            "No threshold reaches recall {} on the pooled OOF predictions ({}): nothing is flagged at the reported operating point.",
+            tc.target_recall, calibration_out.fitted_on
         ));
     }
     let results = CvResults {
@@ -305,6 +331,8 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
         folds: fold_results,
         threshold: Threshold {
             target_recall: tc.target_recall,
+            chosen_on: calibration_out.fitted_on.clone(),
+            images: fit_idx.len(),
             calibrated: chosen.map(|c| c.threshold),
             uncalibrated: chosen_raw.map(|c| c.threshold),
             recall: chosen.map_or(0.0, |c| c.recall),
@@ -441,13 +469,7 @@ fn summarise(samples: &[Sample], names: &[String]) -> Vec<DatasetSummary> {
         .iter()
         .map(|name| {
             let of: Vec<&Sample> = samples.iter().filter(|s| &s.dataset == name).collect();
-            let patients: HashSet<String> = of
-                .iter()
-                .map(|s| match &s.patient {
-                    Some(p) => format!("p:{p}"),
-                    None => format!("i:{}", s.path.display()),
-                })
-                .collect();
+            let patients: HashSet<String> = of.iter().map(|s| group_of(s)).collect();
             DatasetSummary {
                 name: name.clone(),
                 images: of.len(),

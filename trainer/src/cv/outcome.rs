@@ -9,7 +9,6 @@ use tch::nn;
 use pleura::model::manifest::{CalibrationMethod, CalibrationRecord};
 use pleura::model::onnx::ResNetSpec;
 
-use super::lockbox::LockboxResults;
 use super::stats::{Bootstrap, Estimate, Figures, MeanSd};
 use crate::calibration::{PlattFit, ReliabilityBin, Scaling, TemperatureFit};
 use crate::model::ResNet;
@@ -97,17 +96,21 @@ pub struct FoldResult {
 }
 
 /// The decision threshold and how it was chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Threshold {
     /// The recall asked for.
     pub target_recall: f64,
+    /// The OOF predictions it was chosen on: `all`, or a dataset's name.
+    pub chosen_on: String,
+    /// How many.
+    pub images: usize,
     /// On p_calibrated: what a model with the temperature applied should use.
     pub calibrated: Option<f32>,
     /// The same operating point on the uncalibrated p (a model without temperature).
     pub uncalibrated: Option<f32>,
-    /// Pooled OOF recall at `calibrated`.
+    /// OOF recall at `calibrated` on those images.
     pub recall: f64,
-    /// Pooled OOF precision at `calibrated`.
+    /// OOF precision at `calibrated` on those images.
     pub precision: f64,
 }
 
@@ -117,6 +120,11 @@ pub struct Threshold {
 pub struct Calibration {
     /// The method applied (to `p_calibrated`, the threshold, and an exported graph).
     pub method: CalibrationMethod,
+    /// The OOF predictions it was fitted on (and the ECEs and reliability below are
+    /// of): `all`, or a dataset's name.
+    pub fitted_on: String,
+    /// How many.
+    pub images: usize,
     /// The applied T: divide the margin (both logits) by it; 1 when no fit was possible.
     pub temperature: f64,
     /// The applied bias on the scaled margin (0 for `temperature`).
@@ -311,8 +319,12 @@ impl CvOutcome {
             fitted_on: format!(
                 "out-of-fold predictions, {} folds, {} images ({}), {} epoch of each fold{}",
                 self.results.k,
-                self.oof.len(),
-                names.join(", "),
+                c.images,
+                if c.fitted_on == "all" {
+                    names.join(", ")
+                } else {
+                    c.fitted_on.clone()
+                },
                 self.results.fold_epoch,
                 if c.views > 1 { ", flip TTA" } else { "" }
             ),
@@ -321,4 +333,25 @@ impl CvOutcome {
             ece_bins: Some(crate::calibration::ECE_BINS as u32),
         })
     }
+}
+
+/// The lockbox's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockboxResults {
+    /// The dataset it was drawn from.
+    pub dataset: String,
+    /// The share asked for.
+    pub fraction: f64,
+    /// Seed of the split (`lockbox::LOCKBOX_SEED`).
+    pub seed: u64,
+    /// The ensemble (all fold models, views, scaling) at the pooled OOF threshold, with
+    /// patient-level bootstrap intervals; `ece_before` is unscaled.
+    pub ensemble: Figures,
+    /// AUROC of each fold model alone (scaled, its views averaged): the ensemble's gain
+    /// is the difference from their mean.
+    pub member_auroc: Vec<Option<f64>>,
+    /// Mean and SD of `member_auroc`.
+    pub member_auroc_mean: MeanSd,
+    /// Every lockbox image: `(file name, effusion, ensemble p_effusion)`.
+    pub predictions: Vec<(String, bool, f32)>,
 }

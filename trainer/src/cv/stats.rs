@@ -143,6 +143,15 @@ pub fn figures(
     }
 }
 
+/// The group an image is resampled and counted with: its patient, or itself when it
+/// has no patient id.
+pub fn group_of(s: &crate::data::Sample) -> String {
+    match &s.patient {
+        Some(id) => format!("p:{id}"),
+        None => format!("i:{}", s.path.display()),
+    }
+}
+
 /// The members of each group among `subset`, groups in order of first appearance.
 pub fn group_members(subset: &[usize], groups: &[String]) -> Vec<Vec<usize>> {
     let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();

@@ -451,10 +451,11 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
     match (t.calibrated, t.uncalibrated) {
         (Some(c), u) => writeln!(
             out,
-            "**{c}** on p_calibrated (calibration applied; {} on the uncalibrated p): the highest threshold (halfway to the next lower score) reaching recall {:.2} on the pooled OOF predictions of all {} images, not on one fold. Pooled recall {:.3}, precision {:.3}.\n",
+            "**{c}** on p_calibrated (calibration applied; {} on the uncalibrated p): the highest threshold (halfway to the next lower score) reaching recall {:.2} on the pooled OOF predictions of {} ({} images), not on one fold. There: recall {:.3}, precision {:.3}.\n",
             u.map_or("none".into(), |u| u.to_string()),
             t.target_recall,
-            r.overall.images,
+            t.chosen_on,
+            t.images,
             t.recall,
             t.precision
         )?,
@@ -469,7 +470,9 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
     let c = &r.calibration;
     writeln!(
         out,
-        "Applied: **{}** ({}). Temperature alone: ECE {}; Platt (temperature and a bias on the log-odds, which also undoes the shift class weights build in): {}, ECE {}.\n",
+        "Fitted on the OOF predictions of **{}** ({} images); the ECEs and the table below are of those. Applied: **{}** ({}). Temperature alone: ECE {}; Platt (temperature and a bias on the log-odds, which also undoes the shift class weights build in): {}, ECE {}.\n",
+        c.fitted_on,
+        c.images,
         match c.method {
             CalibrationMethod::Temperature => "temperature",
             CalibrationMethod::Platt => "Platt",
