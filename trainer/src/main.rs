@@ -130,6 +130,12 @@ struct TrainArgs {
     /// serves), instead of all of them.
     #[arg(long, value_name = "NAME", requires = "folds")]
     calibrate_on: Option<String>,
+    /// With --folds: also hold this share of the --calibrate-on dataset's patients
+    /// (else the first --data's) out of every fold, and calibrate and threshold the
+    /// exported ensemble on its own predictions of them (a threshold chosen on one
+    /// model's out-of-fold predictions does not carry over to an average of several).
+    #[arg(long, value_name = "FRACTION", requires = "folds")]
+    calibration_holdout: Option<f64>,
     /// With --folds: also export the fold models as one servable ensemble graph (flip
     /// TTA with --tta-flip, the calibration, the pooled OOF threshold) to
     /// OUT/model/<version>/, ready for `pleura-worker --model` or `pleura models publish`.
@@ -400,6 +406,7 @@ fn cross_validate_command(a: TrainArgs) -> ExitCode {
             fraction,
         }),
         calibrate_on: a.calibrate_on.clone(),
+        calibration_holdout: a.calibration_holdout,
         ..CvConfig::new(train_config(&a), a.folds.unwrap_or(0))
     };
     match pleura_trainer::cv::cross_validate(&cfg) {
@@ -507,6 +514,21 @@ fn print_cv_summary(o: &CvOutcome) {
         fmt(c.ece_temperature),
         fmt(c.ece_platt)
     );
+    if let Some(e) = &r.ensemble_calibration {
+        println!(
+            "  ensemble calibration on its holdout ({} images of {}, {} effusion): T = {:.3}, b = {:.3}; ECE {} -> {}; threshold {} (recall {:.3}, precision {:.3})",
+            e.images,
+            e.dataset,
+            e.effusion,
+            e.scaling.temperature,
+            e.scaling.bias,
+            fmt(e.ece_before),
+            fmt(e.ece_after),
+            e.threshold.map_or("none".into(), |t| t.to_string()),
+            e.recall,
+            e.precision
+        );
+    }
     if let Some(lb) = &r.lockbox {
         let f = &lb.ensemble;
         println!(

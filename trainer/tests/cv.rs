@@ -331,6 +331,8 @@ fn a_lockbox_is_held_out_and_the_exported_ensemble_serves_what_was_reported() {
             "platt",
             "--calibrate-on",
             "full",
+            "--calibration-holdout",
+            "0.3",
             "--export",
             "--version",
             "rec-1",
@@ -359,7 +361,12 @@ fn a_lockbox_is_held_out_and_the_exported_ensemble_serves_what_was_reported() {
         .collect();
     assert!(!held.is_empty() && held.len() < 36, "{}", held.len());
     let oof = std::fs::read_to_string(out.join("oof.csv")).unwrap();
-    assert_eq!(oof.lines().count() - 1, 66 - held.len());
+    // The calibration holdout is of `full` too, and in no fold either.
+    let holdout = &cv["ensemble_calibration"];
+    let holdout_images = holdout["images"].as_u64().unwrap() as usize;
+    assert_eq!(holdout["dataset"], "full");
+    assert!(holdout_images > 0);
+    assert_eq!(oof.lines().count() - 1, 66 - held.len() - holdout_images);
     for line in oof.lines().skip(1) {
         let image = line.split(',').nth(1).unwrap();
         assert!(
@@ -389,19 +396,27 @@ fn a_lockbox_is_held_out_and_the_exported_ensemble_serves_what_was_reported() {
     assert_eq!(cv["calibration"]["fitted_on"], "full");
     assert_eq!(cv["calibration"]["images"], full_oof);
     assert_eq!(cv["threshold"]["chosen_on"], "full");
+    // The served graph's calibration and threshold are the ensemble's own, from the
+    // calibration holdout, not the single models' OOF ones.
     assert!(
-        c.fitted_on.contains(&format!("{full_oof} images (full)")),
+        c.fitted_on.contains(&format!(
+            "calibration holdout: {holdout_images} images of full"
+        )),
         "{}",
         c.fitted_on
     );
     assert_eq!(
         f64::from(c.bias.unwrap()),
-        cv["calibration"]["bias"].as_f64().unwrap() as f32 as f64
+        holdout["scaling"]["bias"].as_f64().unwrap() as f32 as f64
     );
     assert_eq!(
         f64::from(m.threshold),
-        cv["threshold"]["calibrated"].as_f64().unwrap() as f32 as f64
+        holdout["threshold"].as_f64().unwrap() as f32 as f64
     );
+    assert!(m.training.as_ref().unwrap()["threshold_rule"]
+        .as_str()
+        .unwrap()
+        .contains("calibration holdout"));
     let metrics = m.metrics.as_ref().unwrap();
     assert!(metrics["measured_on"]
         .as_str()

@@ -39,9 +39,9 @@ pub fn export_ensemble(
     version: Option<String>,
 ) -> Result<Exported, TrainError> {
     let r = &o.results;
-    let threshold = r.threshold.calibrated.filter(|t| *t > 0.0 && *t < 1.0).ok_or_else(|| {
+    let threshold = o.served().1.filter(|t| *t > 0.0 && *t < 1.0).ok_or_else(|| {
         TrainError::Config(format!(
-            "no threshold in (0, 1) reaches recall {} on the pooled OOF predictions: nothing to serve",
+            "no threshold in (0, 1) reaches recall {} on the predictions it is chosen on: nothing to serve",
             r.threshold.target_recall
         ))
     })?;
@@ -147,10 +147,17 @@ pub fn export_ensemble(
         "folds": r.k,
         "fold_epoch": r.fold_epoch,
         "fold_epochs_used": r.folds.iter().map(|f| f.epoch_used).collect::<Vec<_>>(),
-        "threshold_rule": format!(
-            "the highest threshold reaching recall {} on the pooled out-of-fold p_calibrated of {} ({} images)",
-            r.threshold.target_recall, r.threshold.chosen_on, r.threshold.images
-        ),
+        "threshold_rule": match &r.ensemble_calibration {
+            Some(e) => format!(
+                "the highest threshold reaching recall {} on the ensemble's calibrated p of its calibration holdout ({} images of {}, {} effusion)",
+                r.threshold.target_recall, e.images, e.dataset, e.effusion
+            ),
+            None => format!(
+                "the highest threshold reaching recall {} on the pooled out-of-fold p_calibrated of {} ({} images)",
+                r.threshold.target_recall, r.threshold.chosen_on, r.threshold.images
+            ),
+        },
+        "calibration_holdout": r.ensemble_calibration,
         "data": {
             "fingerprint": fingerprint,
             "measured_on": measured_on,

@@ -29,6 +29,8 @@ use crate::train::TrainError;
 
 /// Seed of the lockbox split: fixed, so that every run holds out the same patients.
 pub const LOCKBOX_SEED: u64 = 0x4c4f_434b;
+/// Seed of the calibration holdout's split (see `CvConfig::calibration_holdout`).
+pub const CALIBRATION_HOLDOUT_SEED: u64 = 0x4341_4c42;
 
 /// Which patients to hold out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,17 +43,27 @@ pub struct LockboxSpec {
 }
 
 /// Splits `samples` into those cross-validation may use and the lockbox (both in
-/// sample order). `spec = None` holds nothing out.
+/// sample order), with [`LOCKBOX_SEED`]. `spec = None` holds nothing out.
 pub fn hold_out(
     samples: Vec<Sample>,
     spec: Option<&LockboxSpec>,
+) -> Result<(Vec<Sample>, Vec<Sample>), TrainError> {
+    hold_out_with(samples, spec, LOCKBOX_SEED, "--lockbox")
+}
+
+/// [`hold_out`] with another seed; `flag` names the setting in errors.
+pub fn hold_out_with(
+    samples: Vec<Sample>,
+    spec: Option<&LockboxSpec>,
+    seed: u64,
+    flag: &str,
 ) -> Result<(Vec<Sample>, Vec<Sample>), TrainError> {
     let Some(spec) = spec else {
         return Ok((samples, Vec::new()));
     };
     if !(spec.fraction > 0.0 && spec.fraction < 1.0) {
         return Err(TrainError::Config(format!(
-            "--lockbox {} must lie strictly between 0 and 1",
+            "{flag} {} must lie strictly between 0 and 1",
             spec.fraction
         )));
     }
@@ -69,7 +81,7 @@ pub fn hold_out(
         .collect();
     if of.is_empty() {
         return Err(TrainError::Config(format!(
-            "--lockbox-dataset {name}: no dataset of that name (names are the --data folders' names)"
+            "{flag}: no dataset named {name} (names are the --data folders' names)"
         )));
     }
     let held = data::split(
@@ -78,12 +90,12 @@ pub fn hold_out(
             samples: of,
         },
         spec.fraction,
-        LOCKBOX_SEED,
+        seed,
     )
     .val;
     if !held.iter().any(|s| s.effusion) || held.iter().all(|s| s.effusion) {
         return Err(TrainError::Config(format!(
-            "--lockbox {} of {name} leaves the lockbox without both classes",
+            "{flag} {} of {name} leaves the held-out images without both classes",
             spec.fraction
         )));
     }
@@ -127,6 +139,19 @@ pub fn margins(
     Ok(out)
 }
 
+/// Image i's margins over every model and view (`per_model` as [`margins`] gives it):
+/// what the ensemble graph averages over.
+pub fn ensemble_views(per_model: &[Vec<Vec<f32>>], n: usize) -> Vec<Vec<f32>> {
+    (0..n)
+        .map(|i| {
+            per_model
+                .iter()
+                .flat_map(|views| views.iter().map(move |v| v[i]))
+                .collect()
+        })
+        .collect()
+}
+
 /// Scores the lockbox with the ensemble of `models` (see the module docs).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
@@ -142,15 +167,7 @@ pub fn evaluate(
 ) -> Result<LockboxResults, TrainError> {
     let per_model = margins(models, inputs, tta_flip)?;
     let n = lockbox.len();
-    // Image i's views across all models: what the ensemble graph averages over.
-    let all_views: Vec<Vec<f32>> = (0..n)
-        .map(|i| {
-            per_model
-                .iter()
-                .flat_map(|views| views.iter().map(move |v| v[i]))
-                .collect()
-        })
-        .collect();
+    let all_views = ensemble_views(&per_model, n);
     let p: Vec<f32> = all_views
         .iter()
         .map(|v| calibration::calibrated_p(v, 1.0))
@@ -266,7 +283,7 @@ mod tests {
             (spec(None, 0.0), "strictly between"),
             (spec(None, 1.0), "strictly between"),
             (spec(None, f64::NAN), "strictly between"),
-            (spec(Some("nope"), 0.3), "no dataset of that name"),
+            (spec(Some("nope"), 0.3), "no dataset named nope"),
         ] {
             match hold_out(all.clone(), Some(&s)) {
                 Err(TrainError::Config(m)) => assert!(m.contains(says), "{m}"),

@@ -45,8 +45,8 @@ use std::time::Instant;
 pub use export::export_ensemble;
 pub use lockbox::LockboxSpec;
 pub use outcome::{
-    Calibration, CvOutcome, CvResults, DatasetSummary, EpochPoint, FoldEpoch, FoldModel,
-    FoldResult, LockboxResults, OofRow, Threshold,
+    Calibration, CvOutcome, CvResults, DatasetSummary, EnsembleCalibration, EpochPoint, FoldEpoch,
+    FoldModel, FoldResult, LockboxResults, OofRow, Threshold,
 };
 use stats::group_of;
 pub use stats::{bootstrap, Bootstrap, Estimate, Figures, MeanSd, Scored};
@@ -85,6 +85,10 @@ pub struct CvConfig {
     /// Fit the calibration and choose the threshold on this dataset's OOF predictions
     /// only (the full-size scans the fleet serves, say) instead of all of them.
     pub calibrate_on: Option<String>,
+    /// Hold this share of the `calibrate_on` dataset's patients (else the first
+    /// dataset's) out of every fold too, and fit the served ensemble's calibration and
+    /// threshold on the ensemble's own predictions of them.
+    pub calibration_holdout: Option<f64>,
 }
 
 impl CvConfig {
@@ -99,6 +103,7 @@ impl CvConfig {
             calibration: CalibrationMethod::Temperature,
             lockbox: None,
             calibrate_on: None,
+            calibration_holdout: None,
         }
     }
 }
@@ -127,6 +132,16 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
             lockbox_samples[0].dataset
         );
     }
+    let holdout_spec = cfg.calibration_holdout.map(|fraction| LockboxSpec {
+        dataset: cfg.calibrate_on.clone(),
+        fraction,
+    });
+    let (samples, holdout_samples) = lockbox::hold_out_with(
+        samples,
+        holdout_spec.as_ref(),
+        lockbox::CALIBRATION_HOLDOUT_SEED,
+        "--calibration-holdout",
+    )?;
     if let Some(name) = &cfg.calibrate_on {
         let of: Vec<&Sample> = samples.iter().filter(|s| &s.dataset == name).collect();
         if !of.iter().any(|s| s.effusion) || of.iter().all(|s| s.effusion) {
@@ -360,6 +375,7 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
         device: runs.first().map(|r| r.device.clone()).unwrap_or_default(),
         notes,
         lockbox: None,
+        ensemble_calibration: None,
     };
 
     let oof: Vec<OofRow> = samples
@@ -405,6 +421,56 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
         })
         .collect();
     let mut results = results;
+    if let Some(first) = holdout_samples.first() {
+        let inputs = lockbox::load(&holdout_samples, tc.image_size, tc.loader_threads)?;
+        let views = lockbox::ensemble_views(
+            &lockbox::margins(&models, &inputs, tc.recipe.tta_flip)?,
+            holdout_samples.len(),
+        );
+        let y: Vec<bool> = holdout_samples.iter().map(|s| s.effusion).collect();
+        let fit = calibration::fit_temperature(&views, &y);
+        let platt = calibration::fit_platt(&views, &y);
+        let scaling = match cfg.calibration {
+            CalibrationMethod::Temperature => Scaling {
+                temperature: fit.map_or(1.0, |f| f.temperature),
+                bias: 0.0,
+            },
+            CalibrationMethod::Platt => platt.map_or(Scaling::IDENTITY, |f| f.scaling),
+        };
+        let p_raw: Vec<f32> = views
+            .iter()
+            .map(|v| calibration::calibrated_p(v, 1.0))
+            .collect();
+        let p: Vec<f32> = views
+            .iter()
+            .map(|v| calibration::scaled_p(v, scaling))
+            .collect();
+        let chosen = metrics::threshold_for_recall(&p, &y, tc.target_recall);
+        results.notes.push(format!(
+            "The served ensemble is calibrated and thresholded on its own predictions of a calibration holdout ({} images of {}, {} effusion, held out of every fold): a threshold from one model's OOF predictions does not carry over to an average of several. So few images make its threshold coarse.",
+            holdout_samples.len(),
+            first.dataset,
+            y.iter().filter(|&&b| b).count()
+        ));
+        results.ensemble_calibration = Some(EnsembleCalibration {
+            dataset: first.dataset.clone(),
+            images: holdout_samples.len(),
+            effusion: y.iter().filter(|&&b| b).count(),
+            method: cfg.calibration,
+            scaling,
+            fit,
+            platt,
+            ece_before: calibration::ece(&p_raw, &y),
+            ece_after: calibration::ece(&p, &y),
+            threshold: chosen.map(|c| c.threshold),
+            recall: chosen.map_or(0.0, |c| c.recall),
+            precision: chosen.map_or(0.0, |c| c.precision),
+        });
+    }
+    let (served_scaling, served_threshold) = match &results.ensemble_calibration {
+        Some(e) => (e.scaling, e.threshold.unwrap_or(f32::INFINITY)),
+        None => (applied, threshold_value),
+    };
     let mut lockbox_inputs = Vec::new();
     if let (Some(spec), Some(first)) = (&cfg.lockbox, lockbox_samples.first()) {
         lockbox_inputs = lockbox::load(&lockbox_samples, tc.image_size, tc.loader_threads)?;
@@ -415,8 +481,8 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
             &lockbox_inputs,
             &models,
             tc.recipe.tta_flip,
-            applied,
-            threshold_value,
+            served_scaling,
+            served_threshold,
             boot,
         )?;
         results.notes.push(format!(

@@ -232,6 +232,10 @@ pub struct CvResults {
     /// The lockbox's figures, when patients were held out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lockbox: Option<LockboxResults>,
+    /// The served ensemble's own calibration and threshold, when a calibration
+    /// holdout was set aside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble_calibration: Option<EnsembleCalibration>,
 }
 
 /// One fold's trained model.
@@ -285,11 +289,20 @@ impl CvOutcome {
         self.results.calibration.temperature
     }
 
-    /// The applied scaling (temperature and, with Platt, bias).
+    /// The applied scaling of the OOF predictions (temperature and, with Platt, bias).
     pub fn scaling(&self) -> Scaling {
         Scaling {
             temperature: self.results.calibration.temperature,
             bias: self.results.calibration.bias,
+        }
+    }
+
+    /// The scaling and threshold an exported ensemble serves with: the ensemble's own
+    /// (from the calibration holdout) when there is one, else the OOF ones.
+    pub fn served(&self) -> (Scaling, Option<f32>) {
+        match &self.results.ensemble_calibration {
+            Some(e) => (e.scaling, e.threshold),
+            None => (self.scaling(), self.results.threshold.calibrated),
         }
     }
 
@@ -306,6 +319,24 @@ impl CvOutcome {
     /// The manifest's record of the temperature (for an export that bakes it into
     /// the graph); `None` when no temperature could be fitted.
     pub fn calibration_record(&self) -> Option<CalibrationRecord> {
+        if let Some(e) = &self.results.ensemble_calibration {
+            match e.method {
+                CalibrationMethod::Temperature => e.fit.map(|_| ())?,
+                CalibrationMethod::Platt => e.platt.map(|_| ())?,
+            }
+            return Some(CalibrationRecord {
+                method: e.method,
+                bias: (e.method == CalibrationMethod::Platt).then_some(e.scaling.bias as f32),
+                temperature: e.scaling.temperature as f32,
+                fitted_on: format!(
+                    "the ensemble's own predictions of a calibration holdout: {} images of {} ({} effusion) that no fold trained on",
+                    e.images, e.dataset, e.effusion
+                ),
+                ece_before: e.ece_before?,
+                ece_after: e.ece_after?,
+                ece_bins: Some(crate::calibration::ECE_BINS as u32),
+            });
+        }
         let c = &self.results.calibration;
         match c.method {
             CalibrationMethod::Temperature => c.fit.map(|_| ())?,
@@ -333,6 +364,38 @@ impl CvOutcome {
             ece_bins: Some(crate::calibration::ECE_BINS as u32),
         })
     }
+}
+
+/// What the served ensemble is calibrated and thresholded with, when a calibration
+/// holdout was set aside: fitted on the ensemble's own predictions of images none of
+/// its members trained on, since averaging members pulls probabilities towards the
+/// middle and a threshold chosen on one model's OOF predictions does not carry over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleCalibration {
+    /// The dataset the holdout was drawn from.
+    pub dataset: String,
+    /// Images in it.
+    pub images: usize,
+    /// Of which effusion.
+    pub effusion: usize,
+    /// The method applied.
+    pub method: CalibrationMethod,
+    /// The applied scaling.
+    pub scaling: Scaling,
+    /// The temperature-only fit.
+    pub fit: Option<TemperatureFit>,
+    /// The Platt fit.
+    pub platt: Option<PlattFit>,
+    /// ECE of the ensemble's unscaled p on the holdout.
+    pub ece_before: Option<f64>,
+    /// After scaling.
+    pub ece_after: Option<f64>,
+    /// The threshold on the scaled p reaching the target recall on the holdout.
+    pub threshold: Option<f32>,
+    /// Recall there.
+    pub recall: f64,
+    /// Precision there.
+    pub precision: f64,
 }
 
 /// The lockbox's figures.

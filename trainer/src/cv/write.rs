@@ -330,7 +330,7 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
         writeln!(out, "## Lockbox (held out of everything, scored once)\n")?;
         writeln!(
             out,
-            "{} images of `{}` ({} effusion, {} patients), a fixed {:.0}% of its patients (seed {:#x}, not `--seed`), were set aside before any fold was made. The ensemble of the {} fold models, calibrated and thresholded as above, scores them: AUROC **{}**, PR-AUC {}; at the threshold recall **{}**, precision **{}**, specificity {}; ECE {} (unscaled {}). Fold models alone: AUROC {} (mean ± SD), so the ensemble's gain is {}.\n",
+            "{} images of `{}` ({} effusion, {} patients), a fixed {:.0}% of its patients (seed {:#x}, not `--seed`), were set aside before any fold was made. The ensemble of the {} fold models, calibrated and thresholded as it is served, scores them: AUROC **{}**, PR-AUC {}; at the threshold recall **{}**, precision **{}**, specificity {}; ECE {} (unscaled {}). Fold models alone: AUROC {} (mean ± SD), so the ensemble's gain is {}.\n",
             f.images,
             lb.dataset,
             f.effusion,
@@ -350,6 +350,27 @@ fn markdown(o: &CvOutcome, out: &mut String) -> fmt::Result {
                 (Some(e), Some(m)) => format!("{:+.3}", e - m),
                 _ => "n/a".into(),
             }
+        )?;
+    }
+
+    if let Some(e) = &r.ensemble_calibration {
+        writeln!(out, "## The served ensemble's calibration and threshold\n")?;
+        writeln!(
+            out,
+            "Fitted on the ensemble's own predictions of a calibration holdout: {} images of `{}` ({} effusion) held out of every fold (a fixed split), since averaging the members pulls probabilities towards the middle and the out-of-fold threshold below (one model each) does not carry over. {}; ECE {} → {}; threshold **{}** for recall {:.2} (there: recall {:.3}, precision {:.3}).\n",
+            e.images,
+            e.dataset,
+            e.effusion,
+            match e.method {
+                CalibrationMethod::Temperature => format!("T = {:.3}", e.scaling.temperature),
+                CalibrationMethod::Platt => format!("T = {:.3}, b = {:.3}", e.scaling.temperature, e.scaling.bias),
+            },
+            opt3(e.ece_before),
+            opt3(e.ece_after),
+            e.threshold.map_or("none".into(), |t| t.to_string()),
+            r.threshold.target_recall,
+            e.recall,
+            e.precision
         )?;
     }
 
