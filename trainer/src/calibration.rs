@@ -101,23 +101,14 @@ impl Scaling {
 /// Mean negative log-likelihood of the labels at temperature `t`; probabilities are
 /// clamped to `[1e-12, 1 - 1e-12]` so one confident mistake cannot make it infinite.
 pub fn nll(margins: &[Vec<f32>], positives: &[bool], t: f64) -> f64 {
-    assert_eq!(margins.len(), positives.len(), "margins and labels differ");
-    if margins.is_empty() {
-        return f64::NAN;
-    }
-    let sum: f64 = margins
-        .iter()
-        .zip(positives)
-        .map(|(views, &y)| {
-            let p = p_f64(views, t).clamp(1e-12, 1.0 - 1e-12);
-            if y {
-                -p.ln()
-            } else {
-                -(1.0 - p).ln()
-            }
-        })
-        .sum();
-    sum / margins.len() as f64
+    nll_scaled(
+        margins,
+        positives,
+        Scaling {
+            temperature: t,
+            bias: 0.0,
+        },
+    )
 }
 
 /// A fitted temperature and what it does to the negative log-likelihood.

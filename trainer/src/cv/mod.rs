@@ -227,10 +227,7 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
         temperature,
         bias: 0.0,
     };
-    let applied = match cfg.calibration {
-        CalibrationMethod::Temperature => t_only,
-        CalibrationMethod::Platt => platt.map_or(Scaling::IDENTITY, |f| f.scaling),
-    };
+    let applied = applied_scaling(cfg.calibration, fit, platt);
     let p_cal = scaled(applied);
     let chosen = metrics::threshold_for_recall(&on_fit(&p_cal), &fit_positives, tc.target_recall);
     let chosen_raw = metrics::threshold_for_recall(&on_fit(&p), &fit_positives, tc.target_recall);
@@ -430,13 +427,7 @@ pub fn cross_validate(cfg: &CvConfig) -> Result<CvOutcome, TrainError> {
         let y: Vec<bool> = holdout_samples.iter().map(|s| s.effusion).collect();
         let fit = calibration::fit_temperature(&views, &y);
         let platt = calibration::fit_platt(&views, &y);
-        let scaling = match cfg.calibration {
-            CalibrationMethod::Temperature => Scaling {
-                temperature: fit.map_or(1.0, |f| f.temperature),
-                bias: 0.0,
-            },
-            CalibrationMethod::Platt => platt.map_or(Scaling::IDENTITY, |f| f.scaling),
-        };
+        let scaling = applied_scaling(cfg.calibration, fit, platt);
         let p_raw: Vec<f32> = views
             .iter()
             .map(|v| calibration::calibrated_p(v, 1.0))
@@ -517,6 +508,21 @@ pub(crate) fn pool<T: Clone>(members: &[Vec<usize>], per_fold: &[Vec<T>], fill: 
         }
     }
     out
+}
+
+/// The scaling `method` applies, from its fit (no change when the fit was impossible).
+fn applied_scaling(
+    method: CalibrationMethod,
+    fit: Option<calibration::TemperatureFit>,
+    platt: Option<calibration::PlattFit>,
+) -> Scaling {
+    match method {
+        CalibrationMethod::Temperature => Scaling {
+            temperature: fit.map_or(1.0, |f| f.temperature),
+            bias: 0.0,
+        },
+        CalibrationMethod::Platt => platt.map_or(Scaling::IDENTITY, |f| f.scaling),
+    }
 }
 
 /// Dataset names in order of first appearance.
